@@ -1,0 +1,35 @@
+# Every target sets up what it needs: a fresh clone needs only `make test` or `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EVIS := $(VENV)/bin/evis
+# Test workers: the suite is sized for 2 cores.
+JOBS ?= 2
+
+.PHONY: help venv test demo synth train-tiny clean
+
+help:
+	@echo "make test        create .venv, install, run the test suite"
+	@echo "make demo        synthetic video -> tiny model -> ONNX -> runtime -> overlay + parity + FPS"
+	@echo "make synth       generate the synthetic train/valid splits under data/synth"
+	@echo "make train-tiny  train the tiny config on synthetic data (benchmark, ~30 min on 2 cores)"
+
+# torch==2.13.0 first, so that nothing later pulls a CUDA build on CPU machines.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile tests
+
+synth: $(VENV)/.installed
+	$(EVIS) synth --out data/synth/train --videos 200 --seed 1
+	$(EVIS) synth --out data/synth/valid --videos 30 --seed 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from efficientvis.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""YouTube-VIS annotation format (2019, 2021 and OVIS share it): load, validate, normalise.
+
+Every segmentation is normalised on load to a compressed RLE (pycocotools' dict with `counts` as
+bytes/str and `size` = [height, width]) or None for a frame where the instance is absent. Polygons,
+uncompressed RLE and compressed RLE are accepted. Errors name the video, the frame and the annotation.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from efficientvis.errors import UserError
+
+
+@dataclass
+class Video:
+    id: int
+    width: int
+    height: int
+    file_names: list  # relative path of each frame under the image root
+
+    @property
+    def length(self) -> int:
+        return len(self.file_names)
+
+    def describe(self, frame=None) -> str:
+        """'video 3 (abc)' or 'video 3 (abc) frame 7 (abc/00035.jpg)' for error messages."""
+        folder = os.path.dirname(self.file_names[0]) if self.file_names else "?"
+        text = f"video {self.id} ({folder})"
+        if frame is not None:
+            text += f" frame {frame} ({self.file_names[frame]})"
+        return text
+
+
+@dataclass
+class Track:
+    """One annotated instance through a whole video."""
+    id: int
+    video_id: int
+    category_id: int
+    iscrowd: int
+    segmentations: list  # per frame: compressed RLE dict or None (absent)
+    areas: np.ndarray = field(repr=False, default=None)  # (length,) float, 0 where absent
+
+    def present(self) -> np.ndarray:
+        """(length,) bool: frames where the instance is visible (non-empty mask)."""
+        return self.areas > 0
+
+    def mean_area(self) -> float:
+        """Mean area over present frames (0 if never present): the metric's area-range rule."""
+        present = self.areas[self.areas > 0]
+        return float(present.mean()) if len(present) else 0.0
+
+
+@dataclass
+class Dataset:
+    videos: dict  # id -> Video, in file order
+    tracks: dict  # video id -> [Track]
+    categories: list  # [{id, name, supercategory}] sorted by id
+    path: str = ""
+
+    @property
+    def category_ids(self) -> list:
+        return [c["id"] for c in self.categories]
+
+    @property
+    def category_names(self) -> list:
+        return [c["name"] for c in self.categories]
+
+    def max_length(self) -> int:
+        return max((v.length for v in self.videos.values()), default=0)
+
+
+def is_absent(segmentation) -> bool:
+    """null, {} and [] mean 'not visible in this frame' (the official code's truthiness rule)."""
+    return not segmentation
+
+
+def to_rle(segmentation, height: int, width: int, where: str):
+    """Any YouTube-VIS segmentation -> compressed RLE with `counts` as str, or None if absent."""
+    if is_absent(segmentation):
+        return None
+    if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+        try:
+            polygons = [p for p in segmentation if len(p) >= 6]
+            if not polygons:
+                return None
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: invalid polygon segmentation ({e})") from None
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = [int(s) for s in segmentation["size"]]
+        if size != [height, width]:
+            raise UserError(f"{where}: RLE size {size} differs from the video size "
+                            f"[{height}, {width}]")
+        if isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {"size": size, "counts": segmentation["counts"]}
+    else:
+        raise UserError(f"{where}: unrecognised segmentation (expected polygons, RLE or null)")
+    if isinstance(rle["counts"], bytes):
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def rle_area(rle) -> float:
+    if rle is None:
+        return 0.0
+    return float(mask_utils.area(_as_bytes(rle)))
+
+
+def _as_bytes(rle):
+    counts = rle["counts"]
+    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode(rle, height: int, width: int) -> np.ndarray:
+    """RLE or None -> (height, width) uint8 mask."""
+    if rle is None:
+        return np.zeros((height, width), np.uint8)
+    return mask_utils.decode(_as_bytes(rle))
+
+
+def encode(mask: np.ndarray) -> dict:
+    """(H, W) bool/uint8 mask -> compressed RLE with `counts` as str (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def read_json(path: str, what: str):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a JSON text file") from None
+
+
+def _require(obj, keys, where):
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+def parse(data: dict, path: str = "annotations") -> Dataset:
+    """Validate and normalise a YouTube-VIS dict (ground truth; `annotations` may be absent)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object with 'videos' and 'categories'")
+    _require(data, ["videos", "categories"], path)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    category_ids = {c["id"] for c in categories}
+    videos = {}
+    for v in data["videos"]:
+        _require(v, ["id", "width", "height", "file_names"], f"{path}: video {v.get('id', '?')}")
+        video = Video(int(v["id"]), int(v["width"]), int(v["height"]), list(v["file_names"]))
+        if video.id in videos:
+            raise UserError(f"{path}: duplicate video id {video.id}")
+        if "length" in v and int(v["length"]) != video.length:
+            raise UserError(f"{path}: {video.describe()} has length {v['length']} but "
+                            f"{video.length} file_names")
+        videos[video.id] = video
+    tracks = {vid: [] for vid in videos}
+    for a in data.get("annotations", []):
+        where = f"{path}: annotation {a.get('id', '?')}"
+        _require(a, ["id", "video_id", "category_id", "segmentations"], where)
+        video = videos.get(a["video_id"])
+        if video is None:
+            raise UserError(f"{where}: unknown video_id {a['video_id']}")
+        where = f"{path}: {video.describe()} annotation {a['id']}"
+        if a["category_id"] not in category_ids:
+            raise UserError(f"{where}: unknown category_id {a['category_id']} "
+                            f"(categories: {sorted(category_ids)})")
+        segs = a["segmentations"]
+        if len(segs) != video.length:
+            raise UserError(f"{where}: {len(segs)} segmentations for {video.length} frames "
+                            f"(file_names)")
+        rles = [to_rle(s, video.height, video.width, f"{path}: {video.describe(t)} annotation "
+                       f"{a['id']}") for t, s in enumerate(segs)]
+        track = Track(int(a["id"]), video.id, int(a["category_id"]), int(a.get("iscrowd", 0) or 0),
+                      rles, np.array([rle_area(r) for r in rles], np.float64))
+        tracks[video.id].append(track)
+    return Dataset(videos, tracks, categories, path)
+
+
+def load(path: str) -> Dataset:
+    """Load and validate a YouTube-VIS annotation file."""
+    return parse(read_json(path, "annotation file"), path)
+
+
+def check_images(dataset: Dataset, image_root: str) -> None:
+    """Every frame of every video exists under image_root (JPEGImages/<video>/<frame>.jpg)."""
+    if not os.path.isdir(image_root):
+        raise UserError(f"image folder not found: {image_root}")
+    for video in dataset.videos.values():
+        for t, name in enumerate(video.file_names):
+            if not os.path.isfile(os.path.join(image_root, name)):
+                raise UserError(f"{video.describe(t)}: missing image {os.path.join(image_root, name)}")
