@@ -44,6 +44,9 @@ class Track:
     iscrowd: int
     segmentations: list  # per frame: compressed RLE dict or None (absent)
     areas: np.ndarray = field(repr=False, default=None)  # (length,) float, 0 where absent
+    # The annotation's own `areas` list as written in the file (None if it has none): the official
+    # metric takes a ground truth's mean area for the area ranges from it, not from the masks.
+    file_areas: list = field(repr=False, default=None)
 
     def present(self) -> np.ndarray:
         """(length,) bool: frames where the instance is visible (non-empty mask)."""
@@ -185,7 +188,8 @@ def parse(data: dict, path: str = "annotations") -> Dataset:
         rles = [to_rle(s, video.height, video.width, f"{path}: {video.describe(t)} annotation "
                        f"{a['id']}") for t, s in enumerate(segs)]
         track = Track(int(a["id"]), video.id, int(a["category_id"]), int(a.get("iscrowd", 0) or 0),
-                      rles, np.array([rle_area(r) for r in rles], np.float64))
+                      rles, np.array([rle_area(r) for r in rles], np.float64),
+                      a["areas"] if isinstance(a.get("areas"), list) else None)
         tracks[video.id].append(track)
     return Dataset(videos, tracks, categories, path)
 
