@@ -630,7 +630,8 @@ def generate(out_dir, videos, frames=36, height=192, width=320, seed=0, stride=1
     if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
     try:
-        train = _write_split(out_dir, "train", int(videos), *args, pool, progress)
+        # a split with no videos is not written, so a valid split can be added to an existing root
+        train = _write_split(out_dir, "train", int(videos), *args, pool, progress) if int(videos) else None
         valid = None
         if valid_videos:
             valid = _write_split(out_dir, "valid", int(valid_videos), *args, pool, progress)
@@ -643,7 +644,7 @@ def generate(out_dir, videos, frames=36, height=192, width=320, seed=0, stride=1
 
         source = train if videos or not valid else valid
         contact_sheet(source, preview, image_root=os.path.join(os.path.dirname(source), "JPEGImages"))
-    return train
+    return train or valid
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The near-online clip loop: frames -> clips -> backend -> tracks, frame by frame.
+
+A backend holds the recurrent tracklet queries itself (on its device) and exposes:
+  start_video()                         queries <- q* for every slot
+  run_clip(frames, reset, iterations)   frames uint8 (T, 3, h, w) RGB; reset (N,) bool slots to set
+                                        back to q* before this clip; returns numpy
+                                        class_logits (N, T, K), boxes (N, T, 4) (input pixels),
+                                        mask_logits (N, T, S, S); the clip's time-averaged output
+                                        queries become the next clip's input queries.
+  num_queries, clip_length
+Every clip's frames are emitted as soon as the clip is done (delay: one clip).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from efficientvis.runtime.postprocess import paste_mask, scale_boxes, sigmoid
+from efficientvis.runtime.preprocess import preprocess_frames
+from efficientvis.runtime.tracker import SlotTracker
+
+
+@dataclass
+class Instance:
+    track_id: int
+    class_probs: np.ndarray  # (K,)
+    box: np.ndarray  # (4,) xyxy, original pixels
+    mask: np.ndarray  # (H, W) bool, original resolution
+
+    @property
+    def label(self) -> int:
+        return int(self.class_probs.argmax())
+
+    @property
+    def score(self) -> float:
+        return float(self.class_probs.max())
+
+
+@dataclass
+class FrameResult:
+    index: int
+    frame: np.ndarray  # original (H, W, 3) BGR
+    instances: list = field(default_factory=list)
+
+
+@dataclass
+class LoopOptions:
+    clip_length: int
+    size: int
+    max_size: int
+    num_iterations: int = 0  # 0: all
+    background_threshold: float = 0.2
+    reset_after: int = 3
+
+
+def clip_frames(frames, clip_length):
+    """Group an iterator of frames into lists of clip_length (the last one may be shorter)."""
+    clip = []
+    for frame in frames:
+        clip.append(frame)
+        if len(clip) == clip_length:
+            yield clip
+            clip = []
+    if clip:
+        yield clip
+
+
+def run_clips(backend, frames, options, linker=None):
+    """Iterate FrameResults for a stream of BGR frames. `linker` replaces query feedback with
+    hand-crafted linking (every clip starts from q*) when given."""
+    backend.start_video()
+    tracker = linker or SlotTracker(backend.num_queries, options.background_threshold, options.reset_after)
+    reset = np.zeros(backend.num_queries, bool)
+    index = 0
+    for clip in clip_frames(frames, options.clip_length):
+        inputs = preprocess_frames(clip, options.size, options.max_size)
+        if linker is not None:
+            reset = np.ones(backend.num_queries, bool)
+        out = backend.run_clip(inputs, reset, options.num_iterations or None)
+        probs = sigmoid(out["class_logits"])  # (N, T, K)
+        height, width = clip[0].shape[:2]
+        boxes = scale_boxes(out["boxes"], inputs.shape[-2:], (height, width))
+        masks = sigmoid(out["mask_logits"])
+        if linker is not None:
+            ids, _ = linker.update(probs, boxes, masks, (height, width))
+        else:
+            ids, reset = tracker.update(probs)
+        for t, frame in enumerate(clip):
+            result = FrameResult(index + t, frame)
+            for n in np.nonzero(ids)[0]:
+                mask = paste_mask(masks[n, t], boxes[n, t], height, width)
+                if mask.any():
+                    result.instances.append(Instance(int(ids[n]), probs[n, t], boxes[n, t], mask))
+            yield result
+        index += len(clip)

@@ -1,0 +1,144 @@
+"""The EfficientVIS model pieces against straightforward re-statements of the paper's equations."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from efficientvis.errors import UserError
+from efficientvis.training import checkpoint
+from efficientvis.training.config import ModelConfig, load_config
+from efficientvis.training.dynamic_conv import TemporalDynamicConv
+from efficientvis.training.model import build_model
+from efficientvis.training.query_attention import TrackletSelfAttention
+
+
+def tiny_model_config(**changes):
+    cfg = dataclasses.replace(ModelConfig(), backbone="resnet18", backbone_width=8, norm="bn",
+                              freeze_at=0, hidden_dim=32, num_queries=4, num_iterations=2,
+                              clip_length=4, num_classes=3, num_heads=4, ffn_dim=64, dynamic_dim=8)
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_temporal_dynamic_conv_matches_eq3_loop():
+    torch.manual_seed(0)
+    B, N, T, S, C, D = 2, 3, 4, 3, 8, 4
+    tdc = TemporalDynamicConv(C, D, S, "temporal").double()
+    q = torch.randn(B, N, T, C, dtype=torch.float64)
+    x = torch.randn(B, N, T, S * S, C, dtype=torch.float64)
+    out = tdc(q, x)
+    f = tdc.filter
+    expected = torch.empty(B, N, T, C, dtype=torch.float64)
+    for b in range(B):
+        for i in range(N):
+            for t in range(T):
+                w1, w2 = f.filters(q[b, i, t])
+                conv = {tp: f.apply(x[b, i, tp], w1, w2) for tp in (t - 1, t, t + 1) if 0 <= tp < T}
+                o = torch.zeros(S * S, C, dtype=torch.float64)
+                for loc in range(S * S):  # a_{i,(t,t')} per location: softmax of cosine similarities
+                    sims = torch.stack([F.cosine_similarity(conv[tp][loc], conv[t][loc], dim=0)
+                                        for tp in sorted(conv)])
+                    a = torch.softmax(sims, 0)
+                    o[loc] = sum(a[k] * conv[tp][loc] for k, tp in enumerate(sorted(conv)))
+                expected[b, i, t] = F.relu(tdc.norm3(tdc.out_layer(o.flatten())))
+    torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-9)
+
+
+def test_still_dynamic_conv_ignores_neighbours():
+    torch.manual_seed(0)
+    tdc = TemporalDynamicConv(8, 4, 3, "still")
+    q, x = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 9, 8)
+    y = x.clone()
+    y[:, :, 0] += 5  # change frame 0 only
+    out_x, out_y = tdc(q, x), tdc(q, y)
+    torch.testing.assert_close(out_x[:, :, 1:], out_y[:, :, 1:])
+
+
+def test_factorised_attention_is_temporal_then_spatial():
+    torch.manual_seed(0)
+    attn = TrackletSelfAttention(16, 4, "factorised").eval()
+    q = torch.randn(2, 3, 5, 16)
+    out = attn(q)
+    # temporal: each query's 5 embeddings attend to each other (Eq. 1)
+    temporal = torch.stack([attn.temporal(q[b]) for b in range(2)])
+    # spatial: in each frame the 3 queries attend to each other (Eq. 2)
+    expected = torch.stack([torch.stack([attn.spatial(temporal[b, :, t][None])[0] for t in range(5)], 1)
+                            for b in range(2)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["spatial", "temporal", "joint"])
+def test_attention_ablations_keep_shape_and_mix_as_declared(scheme):
+    torch.manual_seed(0)
+    attn = TrackletSelfAttention(16, 4, scheme).eval()
+    q = torch.randn(1, 3, 4, 16)
+    q2 = q.clone()
+    q2[0, 0, 0] += 3.0  # perturb query 0 at frame 0
+    d = (attn(q2) - attn(q)).abs().sum(-1)[0]  # (N, T): who is affected
+    other_query_same_frame = d[1, 0] > 1e-6
+    same_query_other_frame = d[0, 1] > 1e-6
+    other_query_other_frame = d[1, 1] > 1e-6
+    assert other_query_same_frame == (scheme in ("spatial", "joint"))
+    assert same_query_other_frame == (scheme in ("temporal", "joint"))
+    assert other_query_other_frame == (scheme == "joint")
+
+
+def test_model_outputs_every_iteration_any_clip_length():
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    model = build_model(cfg).eval()
+    frames = torch.randint(0, 255, (1, 3, 3, 64, 96), dtype=torch.uint8)  # T'=3 < T=4
+    with torch.no_grad():
+        out = model(frames)
+        assert len(out["stages"]) == cfg.num_iterations
+        s = out["stages"][-1]
+        assert s["class_logits"].shape == (1, 4, 3, 3)
+        assert s["boxes"].shape == (1, 4, 3, 4)
+        assert s["mask_logits"].shape == (1, 4, 3, 28, 28)
+        assert out["next_queries"].shape == (1, 4, 32)
+        torch.testing.assert_close(out["next_queries"], s["queries"].mean(2))
+        anytime = model(frames, num_iterations=1)
+        assert len(anytime["stages"]) == 1
+        torch.testing.assert_close(anytime["stages"][0]["boxes"], out["stages"][0]["boxes"])
+        # the recurrence: other initial queries change the result
+        other = model(frames, init_queries=out["next_queries"])
+        assert not torch.allclose(other["stages"][-1]["class_logits"], s["class_logits"])
+
+
+def test_initial_queries_repeat_one_embedding_and_proposals_cover_the_image():
+    cfg = tiny_model_config()
+    model = build_model(cfg)
+    q = model.initial_queries(2, 4)
+    assert torch.equal(q[:, :, 0], q[:, :, 3])
+    boxes = model.initial_proposals(torch.tensor([[64.0, 96.0]]), 4)
+    torch.testing.assert_close(boxes[0, 0, 0], torch.tensor([0.0, 0.0, 96.0, 64.0]))
+
+
+def test_time_shared_queries_have_one_embedding():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(time_shared_queries=True)).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 255, (1, 4, 3, 64, 96), dtype=torch.uint8))
+    q = out["stages"][-1]["queries"]
+    torch.testing.assert_close(q[:, :, 0], q[:, :, 3])
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    cfg = load_config("tiny")
+    model = build_model(cfg.model)
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save(path, model=model.state_dict(), config=cfg.to_dict(), class_names=["a"])
+    ckpt = checkpoint.load(path)  # weights_only=True inside
+    other = build_model(checkpoint.config_of(ckpt, path).model)
+    checkpoint.load_model_state(other, ckpt["model"], path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k])
+    wrong = load_config("tiny", ["model.hidden_dim=32"])
+    with pytest.raises(UserError, match="hidden_dim"):
+        checkpoint.check_model_config(checkpoint.config_of(ckpt, path).model, wrong.model, path)
+    with pytest.raises(UserError, match="does not fit"):
+        checkpoint.load_model_state(build_model(wrong.model), ckpt["model"], path)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be loaded"):
+        checkpoint.load(str(tmp_path / "bad.pt"))

@@ -1,0 +1,135 @@
+"""`evis infer`: PyTorch inference of whole videos, clip by clip, to a YouTube-VIS results file.
+
+The clip loop, slot tracking, mask pasting and scoring are the runtime's own (torch-free) code; this
+module only provides a PyTorch backend for it, so PyTorch and ONNX Runtime/TensorRT results differ
+only by what the graphs compute.
+
+End-to-end linking (default): each clip starts from the previous clip's time-averaged output
+queries; a slot that is background (max class probability < infer.background_threshold) for
+infer.reset_after clips is reset to q* and its next object gets a new track id.
+Hand-crafted linking (Table 1d ablation): every clip starts from q*, and tracklets of consecutive
+clips are linked by Hungarian matching on box IoU, box L1, mask IoU and class agreement.
+"""
+
+import os
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from efficientvis.errors import UserError
+from efficientvis.runtime.clip_loop import LoopOptions, run_clips
+from efficientvis.runtime.collect import TrackCollector
+from efficientvis.runtime.linking import HandcraftedLinker
+from efficientvis.training import checkpoint
+from efficientvis.training.model import build_model
+from efficientvis.ytvis import format as ytvis_format
+from efficientvis.ytvis.results import ResultsWriter
+
+
+class TorchBackend:
+    """The runtime backend interface (see runtime/clip_loop.py) on a PyTorch model."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model.eval(), device
+        self.num_queries = model.cfg.num_queries
+        self.clip_length = model.cfg.clip_length
+        self.queries = None
+
+    @torch.no_grad()
+    def start_video(self):
+        self.queries = self.model.init_queries.weight[None].clone()
+
+    @torch.no_grad()
+    def run_clip(self, frames, reset, num_iterations=None):
+        if reset is not None and reset.any():
+            mask = torch.as_tensor(reset, device=self.device)
+            self.queries[0, mask] = self.model.init_queries.weight[mask]
+        x = torch.from_numpy(frames)[None].to(self.device)
+        out = self.model(x, init_queries=self.queries, num_iterations=num_iterations)
+        self.queries = out["next_queries"]
+        last = out["stages"][-1]
+        return {k: last[k][0].float().cpu().numpy() for k in ("class_logits", "boxes", "mask_logits")}
+
+
+def video_frames(video, image_root):
+    """BGR frames of a dataset video, read one by one; a missing or broken JPEG is a UserError."""
+    for t, name in enumerate(video.file_names):
+        path = os.path.join(image_root, name)
+        frame = cv2.imread(path, cv2.IMREAD_COLOR)
+        if frame is None:
+            raise UserError(f"{video.describe(t)}: cannot read image {path}")
+        if frame.shape[:2] != (video.height, video.width):
+            raise UserError(f"{video.describe(t)}: image is {frame.shape[1]}x{frame.shape[0]}, "
+                            f"the annotation says {video.width}x{video.height}")
+        yield frame
+
+
+def loop_options(cfg):
+    return LoopOptions(clip_length=cfg.model.clip_length, size=cfg.data.test_size,
+                       max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
+                       background_threshold=cfg.infer.background_threshold,
+                       reset_after=cfg.infer.reset_after)
+
+
+def infer_dataset(model, cfg, gt, image_root, out_path, device, progress=True, category_ids=None):
+    """Every video of `gt` (a format.Dataset) -> results JSON at out_path, written video by video."""
+    backend = TorchBackend(model, device)
+    options = loop_options(cfg)
+    if cfg.infer.linking not in ("e2e", "handcrafted"):
+        raise UserError(f"infer.linking must be e2e or handcrafted, got {cfg.infer.linking!r}")
+    category_ids = category_ids or gt.category_ids
+    if len(category_ids) != cfg.model.num_classes:
+        raise UserError(f"the model has {cfg.model.num_classes} classes, the annotations "
+                        f"{len(category_ids)} categories")
+    with ResultsWriter(out_path) as writer:
+        for video in tqdm(list(gt.videos.values()), desc="infer", disable=not progress, dynamic_ncols=True):
+            linker = HandcraftedLinker(backend.num_queries) if cfg.infer.linking == "handcrafted" else None
+            collector = TrackCollector(video.length, cfg.model.num_classes)
+            for frame_result in run_clips(backend, video_frames(video, image_root), options, linker):
+                collector.add(frame_result)
+            writer.add(video.id, collector.results(video.id, category_ids, cfg.infer.top_k))
+    return out_path
+
+
+def load_model(path, device, overrides=()):
+    """A model from a checkpoint: its own config (+ --set overrides for infer/data sections)."""
+    from efficientvis.training.config import apply_overrides
+    ckpt = checkpoint.load(path)
+    cfg = checkpoint.config_of(ckpt, path)
+    apply_overrides(cfg, overrides)
+    model = build_model(cfg.model)
+    checkpoint.load_model_state(model, ckpt["model"], path)
+    return model.to(device).eval(), cfg, ckpt.get("class_names")
+
+
+def add_arguments(p):
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by evis train")
+    p.add_argument("--data", required=True, help="image root (the JPEGImages folder)")
+    p.add_argument("--ann", required=True, help="YouTube-VIS annotation file (videos + categories)")
+    p.add_argument("--out", required=True, help="results JSON to write")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override infer/data settings, e.g. --set infer.linking=handcrafted")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--eval", action="store_true", help="also evaluate against --ann (needs annotations)")
+    p.add_argument("--threads", type=int, default=0)
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model, cfg, class_names = load_model(args.checkpoint, device, args.set)
+    gt = ytvis_format.load(args.ann)
+    if class_names and [c["name"] for c in gt.categories] != list(class_names):
+        raise UserError(f"{args.ann}: categories {gt.category_names} differ from the checkpoint's "
+                        f"classes {list(class_names)}")
+    infer_dataset(model, cfg, gt, args.data, args.out, device)
+    print(f"results: {args.out}")
+    if args.eval:
+        from efficientvis.ytvis.metric import evaluate, format_table
+        metrics = evaluate(gt, ytvis_format.read_json(args.out, "results file"))
+        print(format_table(metrics))
+    return 0

@@ -1,0 +1,114 @@
+"""Clip loss (paper Eq. 5) with deep supervision over the M iterations.
+
+For matched (query sigma(j), ground truth j), per frame t:
+  focal class loss with target c_j on frames where j is visible and background elsewhere,
+  box L1 (image-normalised) + GIoU and mask dice on visible frames,
+  mask BCE on every frame (absent frames learn an empty mask).
+Unmatched queries only get the class loss towards background. Sums are divided by the number of
+visible (track, frame) entries in the batch (all-reduced under DDP), BCE by its own entry count.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from efficientvis.training.box_ops import elementwise_giou
+from efficientvis.training.matcher import (crop_target_masks, dice_coefficient, extend_assignment,
+                                           match_clip, normalised)
+
+
+def sigmoid_focal_loss(logits, targets, alpha, gamma):
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    return (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+
+
+def clip_loss_terms(out, target, assignment, cfg):
+    """Un-normalised loss sums of one clip at one iteration + the entry counts."""
+    logits = out["class_logits"]  # (N, T, K)
+    N, T, K = logits.shape
+    q, g = assignment
+    valid = target["frame_valid"].float()  # (T,)
+    present = target["present"][g].float() * valid  # (m, T)
+
+    class_target = torch.zeros_like(logits)
+    if len(q):
+        onehot = F.one_hot(target["labels"][g], K).float()  # (m, K)
+        class_target[q] = present[:, :, None] * onehot[:, None, :]
+    focal = sigmoid_focal_loss(logits, class_target, cfg.focal_alpha, cfg.focal_gamma)
+    terms = {"class": (focal.sum(-1) * valid).sum()}
+
+    pb = normalised(out["boxes"][q], target["image_size"])  # (m, T, 4)
+    gb = normalised(target["boxes"][g], target["image_size"])
+    terms["l1"] = ((pb - gb).abs().sum(-1) * present).sum()
+    terms["giou"] = ((1 - elementwise_giou(pb, gb)) * present).sum()
+
+    mask_logits = out["mask_logits"][q]  # (m, T, S, S)
+    S = mask_logits.shape[-1]
+    if len(q):
+        boxes = out["boxes"][q].detach().reshape(-1, 1, 4)  # one RoI per (track, frame)
+        masks = target["masks"][g].reshape(-1, 1, *target["masks"].shape[-2:])  # (m*T, 1, H, W)
+        crops = crop_target_masks(masks.transpose(0, 1), boxes, S)  # (m*T, 1, 1, S, S)
+        mask_target = (crops.reshape(len(q), T, S, S) >= 0.5).float()
+    else:
+        mask_target = mask_logits.new_zeros(mask_logits.shape)
+    dice = 1 - dice_coefficient(mask_logits.sigmoid().flatten(-2), mask_target.flatten(-2))  # (m, T)
+    terms["dice"] = (dice * present).sum()
+    bce = F.binary_cross_entropy_with_logits(mask_logits, mask_target, reduction="none").mean((-1, -2))
+    terms["mask_bce"] = (bce * valid).sum()
+    counts = {"visible": present.sum(), "entries": valid.sum() * len(q)}
+    return terms, counts
+
+
+WEIGHTS = {"class": "class_weight", "l1": "l1_weight", "giou": "giou_weight", "dice": "dice_weight",
+           "mask_bce": "mask_bce_weight"}
+
+
+def combine(terms, counts, cfg):
+    """Weighted, normalised total and a dict of the parts (for logging)."""
+    visible = counts["visible"].clamp(min=1.0)
+    entries = counts["entries"].clamp(min=1.0)
+    parts = {name: value / (entries if name == "mask_bce" else visible) for name, value in terms.items()}
+    total = sum(getattr(cfg, WEIGHTS[name]) * value for name, value in parts.items())
+    return total, parts
+
+
+def _clip_outputs(stage, b):
+    return {k: stage[k][b] for k in ("class_logits", "boxes", "mask_logits")}
+
+
+class TrackletCriterion:
+    """Matches and sums the loss of every iteration ("deep supervision") over a batch of clips.
+
+    `assignments`: None to match (first clip, Eq. 4), or the first clip's final assignment per clip
+    for the second clip of a correspondence pair (Sec. 3.3). `reduce` all-reduces the entry counts
+    under DDP so every process divides by the same numbers.
+    """
+
+    def __init__(self, cfg, reduce=None):
+        self.cfg = cfg
+        self.reduce = reduce or (lambda x: x)
+
+    def __call__(self, outputs, targets, assignments=None):
+        total, logs, final = 0.0, {}, None
+        for m, stage in enumerate(outputs["stages"]):
+            terms, counts, stage_assignments = {}, {}, []
+            for b, target in enumerate(targets):
+                out = _clip_outputs(stage, b)
+                a = (match_clip(out, target, self.cfg) if assignments is None
+                     else extend_assignment(out, target, self.cfg, assignments[b]))
+                stage_assignments.append(a)
+                t, c = clip_loss_terms(out, target, a, self.cfg)
+                for k, v in t.items():
+                    terms[k] = terms.get(k, 0.0) + v
+                for k, v in c.items():
+                    counts[k] = counts.get(k, 0.0) + v
+            counts = {k: self.reduce(torch.as_tensor(v, dtype=torch.float32).detach()) for k, v in counts.items()}
+            stage_total, parts = combine(terms, counts, self.cfg)
+            total = total + stage_total
+            for k, v in parts.items():
+                logs[f"{k}_{m}"] = float(v.detach())
+            final = stage_assignments
+        logs["loss"] = float(total.detach())
+        return total, logs, final

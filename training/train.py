@@ -1,0 +1,342 @@
+"""`evis train`: single process (CPU or one GPU) or `torchrun` (DDP, multi-GPU / multi-node).
+
+Every step trains one batch of clips, or of clip pairs when correspondence learning is on (paper
+Sec. 3.3): the second clip starts from the first clip's time-averaged output queries and reuses its
+assignment. Checkpoints are written atomically every `train.checkpoint_every` steps and at the end;
+`--resume` continues exactly (the data order is a function of (seed, epoch, index)).
+"""
+
+import contextlib
+import csv
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from efficientvis.errors import UserError
+from efficientvis.training import checkpoint
+from efficientvis.training.config import load_config
+from efficientvis.training.losses import TrackletCriterion
+from efficientvis.training.dataset import collate
+from efficientvis.training.model import build_model
+
+LOSS_PARTS = ("class", "l1", "giou", "dice", "mask_bce")
+
+
+def add_arguments(p):
+    p.add_argument("--config", default="tiny", help="config name (tiny, r50_ytvis19, ...) or YAML path")
+    p.add_argument("--data", help="dataset root holding train/ and valid/ (overrides data.root)")
+    p.add_argument("--out", required=True, help="work folder: checkpoints, TensorBoard and CSV logs")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="auto", help="resume from OUT/last.pt or a path")
+    p.add_argument("--backbone-weights", help="torchvision-format ResNet ImageNet state dict (.pth)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+
+
+class TrainStep(nn.Module):
+    """One forward of a batch (or pair batch) + loss, so DDP sees one forward per backward."""
+
+    def __init__(self, model, criterion):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, batch):
+        clips = batch if isinstance(batch, list) else [batch]
+        total, logs, assignments, queries = 0.0, {}, None, None
+        for k, clip in enumerate(clips):
+            out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries)
+            loss, clip_logs, final = self.criterion(out, clip["targets"], assignments)
+            total = total + loss
+            for name, value in clip_logs.items():
+                logs[name] = logs.get(name, 0.0) + value
+            assignments, queries = final, out["next_queries"]
+        return total, logs
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local_rank
+
+
+def _device(choice, local_rank):
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available to torch")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _to_device(batch, device):
+    if isinstance(batch, list):
+        return [_to_device(b, device) for b in batch]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in batch["targets"]]
+    return {"frames": batch["frames"].to(device, non_blocking=True),
+            "image_sizes": batch["image_sizes"].to(device, torch.float32), "targets": targets}
+
+
+def lr_factor(step, warmup_iters, drop_steps):
+    """Linear warm-up from 0.001, then x0.1 at every drop step (a function of the step: exact resume)."""
+    warm = min(1.0, 0.001 + (1 - 0.001) * step / warmup_iters) if warmup_iters > 0 else 1.0
+    return warm * 0.1 ** sum(step >= s for s in drop_steps)
+
+
+def build_optimizer(model, cfg):
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": rest, "lr": cfg.lr},
+              {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def data_paths(cfg, split):
+    root = cfg.data.root
+    if not root:
+        raise UserError("no dataset: pass --data ROOT (a folder with train/ and valid/) or set data.root")
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder not found: {root}")
+    images = os.path.join(root, getattr(cfg.data, f"{split}_images"))
+    annotations = os.path.join(root, getattr(cfg.data, f"{split}_annotations"))
+    return images, annotations
+
+
+def build_train_dataset(cfg, pairs):
+    from efficientvis.training.dataset import VideoClipDataset
+    from efficientvis.training.transforms import build_transforms
+    images, annotations = data_paths(cfg, "train")
+    d = cfg.data
+    transforms = build_transforms(min_size=d.train_sizes, max_size=d.max_size,
+                                  flip_prob=0.5 if d.hflip else 0.0,
+                                  crop={"relative_range": (0.5, 1.0), "prob": 0.5} if d.random_crop else None)
+    return VideoClipDataset(annotations, images, cfg.model.clip_length, stride=d.frame_stride,
+                            pairs=pairs, transforms=transforms,
+                            samples_per_epoch=cfg.train.samples_per_epoch or None, seed=cfg.train.seed)
+
+
+def correspondence_enabled(cfg, max_length):
+    mode = cfg.data.correspondence
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"data.correspondence must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and max_length > cfg.model.clip_length)
+
+
+class Logger:
+    """TensorBoard + CSV (one row per log step, flushed), on rank 0 only."""
+
+    def __init__(self, out_dir, enabled):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        self.files = {}
+        self.out_dir = out_dir
+
+    def _csv(self, name, row):
+        path = os.path.join(self.out_dir, f"{name}.csv")
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def scalars(self, name, step, values):
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(f"{name}/{k}", v, step)
+        self.tb.flush()
+        self._csv(name, {"step": step, **values})
+
+    def close(self):
+        if self.enabled:
+            self.tb.close()
+
+
+def run(args):
+    world, rank, local_rank = _distributed()
+    cfg = load_config(args.config, args.set)
+    if args.data:
+        cfg.data.root = args.data
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device, local_rank)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.train.seed)
+    main = rank == 0
+    os.makedirs(args.out, exist_ok=True)
+
+    from efficientvis.ytvis import format as ytvis_format
+    _, train_ann = data_paths(cfg, "train")
+    max_length = ytvis_format.load(train_ann).max_length()
+    pairs = correspondence_enabled(cfg, max_length)
+    dataset = build_train_dataset(cfg, pairs)
+    if cfg.model.num_classes != len(dataset.class_names):
+        if main:
+            print(f"model.num_classes set to {len(dataset.class_names)} from the dataset")
+        cfg.model.num_classes = len(dataset.class_names)
+
+    model = build_model(cfg.model)
+    if args.backbone_weights:
+        from efficientvis.training.backbone import load_backbone_weights
+        load_backbone_weights(model.backbone.body, args.backbone_weights)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
+
+    step = 0
+    resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
+    if args.resume and (args.resume != "auto" or os.path.exists(resume_path)):
+        ckpt = checkpoint.load(resume_path)
+        checkpoint.check_model_config(checkpoint.config_of(ckpt, resume_path).model, cfg.model, resume_path)
+        checkpoint.load_model_state(model, ckpt["model"], resume_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        step = int(ckpt["step"])
+        if main:
+            print(f"resumed from {resume_path} at step {step}")
+
+    reduce = None
+    if world > 1:
+        def reduce(x):
+            x = x.to(device)
+            dist.all_reduce(x)
+            return x / world
+    step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce))
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    per_rank = math.ceil(len(dataset) / world)
+    batches_per_epoch = max(1, per_rank // cfg.train.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    logger = Logger(args.out, main)
+    if main:
+        checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names)
+        with open(os.path.join(args.out, "config.yaml"), "w") as f:
+            import yaml
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        print(f"training {cfg.name}: {len(dataset)} samples/epoch, {steps_per_epoch} steps/epoch, "
+              f"{total_steps} steps, correspondence learning {'on' if pairs else 'off'}, "
+              f"device {device}, world size {world}")
+
+    def save(name):
+        if main:
+            checkpoint.save(os.path.join(args.out, name), model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                            **checkpoint_meta)
+
+    start_time = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
+    model.train()
+    stop = False
+    while step < total_steps and not stop:
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        order = np.random.default_rng((cfg.train.seed, epoch)).permutation(len(dataset))
+        mine = order[rank::world][: batches_per_epoch * cfg.train.batch_size]
+        mine = mine[step_in_epoch * cfg.train.accumulate * cfg.train.batch_size:]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.train.batch_size, sampler=mine.tolist(),
+            num_workers=cfg.data.num_workers, collate_fn=collate,
+            persistent_workers=False, drop_last=True)
+        micro, window = 0, {}
+        t0 = time.time()
+        for batch in loader:
+            batch = _to_device(batch, device)
+            sync = (micro + 1) % cfg.train.accumulate == 0
+            ctx = step_module.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            with ctx, torch.autocast(device.type, dtype=torch.float16,
+                                     enabled=cfg.train.amp and device.type == "cuda"):
+                loss, logs = step_module(batch)
+                scaler.scale(loss / cfg.train.accumulate).backward()
+            for k, v in logs.items():
+                window[k] = window.get(k, 0.0) + v
+            micro += 1
+            if not sync:
+                continue
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, cfg.train.warmup_iters, drop_steps)
+            if cfg.train.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", epoch=epoch)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                n = micro
+                row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                       "loss": window["loss"] / n,
+                       **{p: sum(v for k, v in window.items() if k.startswith(p + "_")) / n for p in LOSS_PARTS},
+                       "sec_per_step": (time.time() - t0) / max(1, micro // cfg.train.accumulate)}
+                logger.scalars("train", step, row)
+                micro, window, t0 = 0, {}, time.time()
+            if step % cfg.train.checkpoint_every == 0:
+                save("last.pt")
+            minutes = (time.time() - start_time) / 60
+            if cfg.train.max_minutes and minutes >= cfg.train.max_minutes:
+                if main:
+                    print(f"\nstopping after {minutes:.1f} min (train.max_minutes) at step {step}")
+                stop = True
+            if step % steps_per_epoch == 0 or step == total_steps or stop:
+                break
+        epoch_done = step // steps_per_epoch
+        at_end = step >= total_steps or stop
+        save("last.pt")
+        if main and (at_end or (cfg.train.eval_every and epoch_done % cfg.train.eval_every == 0)):
+            metrics = evaluate_checkpoint(model, cfg, dataset.class_names, device, args.out)
+            if metrics:
+                logger.scalars("valid", step, metrics)
+                print(f"\nstep {step}: valid AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
+            model.train()
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    if main:
+        checkpoint.save(os.path.join(args.out, "final.pt"), model=model.state_dict(), step=step,
+                        config=cfg.to_dict(), class_names=dataset.class_names)
+        print(f"done: {os.path.join(args.out, 'final.pt')} after {step} steps, "
+              f"{(time.time() - start_time) / 60:.1f} min")
+    logger.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_checkpoint(model, cfg, class_names, device, out_dir):
+    """Validation with the YouTube-VIS metric on the valid split (skipped if it has none)."""
+    from efficientvis.training.infer import infer_dataset
+    from efficientvis.ytvis import format as ytvis_format
+    from efficientvis.ytvis.metric import evaluate
+    try:
+        images, annotations = data_paths(cfg, "valid")
+    except UserError:
+        return None
+    if not os.path.isfile(annotations):
+        return None
+    gt = ytvis_format.load(annotations)
+    results_path = os.path.join(out_dir, "valid_results.json")
+    model.eval()
+    infer_dataset(model, cfg, gt, images, results_path, device, progress=False)
+    from efficientvis.ytvis.format import read_json
+    return evaluate(gt, read_json(results_path, "results file"))
