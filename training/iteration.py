@@ -66,7 +66,6 @@ class QueryVideoIteration(nn.Module):
     def forward(self, features, queries, boxes):
         # features: FPN maps (B*T, C, h, w); queries (B, N, T, C); boxes (B, N, T, 4) xyxy pixels
         cfg = self.cfg
-        boxes = boxes.detach()  # proposals are not back-propagated through between iterations
         roi = tracklet_roi_features(features, boxes, cfg.pooler_size, cfg.sampling_ratio)
         attended = self.self_attention(queries)  # Eq. 1-2
         q = self.norm2(attended + self.dropout(self.dynamic_conv(attended, roi)))  # Eq. 3

@@ -62,7 +62,9 @@ class EfficientVIS(nn.Module):
         stages = []
         for iteration in self.iterations[: num_iterations or len(self.iterations)]:
             out = iteration(features, queries, boxes)
-            queries, boxes = out["queries"], out["boxes"]
+            # proposals are not back-propagated through between iterations (Sparse R-CNN); the
+            # learned initial boxes get their gradient from the first iteration's box loss
+            queries, boxes = out["queries"], out["boxes"].detach()
             stages.append(out)
         return {"stages": stages, "next_queries": queries.mean(2)}
 

@@ -195,6 +195,7 @@ def run(args):
         load_backbone_weights(model.backbone.body, args.backbone_weights)
     model.to(device)
     optimizer = build_optimizer(model, cfg.train)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
 
     step = 0
@@ -226,7 +227,6 @@ def run(args):
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     logger = Logger(args.out, main)
     if main:
         checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names)

@@ -1,0 +1,164 @@
+"""Matching, losses and the training machinery (resume, DDP on gloo, errors, overfitting)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from efficientvis.cli import main
+from efficientvis.errors import UserError
+from efficientvis.training import checkpoint
+from efficientvis.training.config import LossConfig, load_config
+from efficientvis.training.losses import TrackletCriterion, clip_loss_terms
+from efficientvis.training.matcher import crop_target_masks, extend_assignment, match_clip
+from efficientvis.training.train import correspondence_enabled, lr_factor
+from efficientvis.ytvis import synth
+
+SMALL = ["model.hidden_dim=32", "model.num_queries=4", "model.num_iterations=2", "model.backbone_width=8",
+         "model.clip_length=4", "model.ffn_dim=64", "model.dynamic_dim=8", "data.train_sizes=96",
+         "data.test_size=96", "data.max_size=160", "data.num_workers=0", "train.warmup_iters=20",
+         "train.log_every=1", "train.eval_every=0"]
+
+
+def _target(T=3, H=64, W=96):
+    """Two ground-truth tracks; the second is absent in frame 0."""
+    masks = torch.zeros(2, T, H, W, dtype=torch.uint8)
+    boxes = torch.zeros(2, T, 4)
+    for t in range(T):
+        masks[0, t, 10:30, 5 + 4 * t:35 + 4 * t] = 1
+        boxes[0, t] = torch.tensor([5 + 4 * t, 10, 35 + 4 * t, 30.0])
+        if t > 0:
+            masks[1, t, 35:60, 50:90] = 1
+            boxes[1, t] = torch.tensor([50, 35, 90, 60.0])
+    return {"masks": masks, "boxes": boxes, "present": masks.flatten(2).amax(-1) > 0,
+            "labels": torch.tensor([2, 0]), "frame_valid": torch.ones(T, dtype=torch.bool),
+            "image_size": (H, W)}
+
+
+def _perfect_outputs(target, slots, N=4, K=3):
+    """Predictions where query slots[j] reproduces ground truth j exactly; other slots are empty."""
+    T = target["masks"].shape[1]
+    logits = torch.full((N, T, K), -8.0)
+    boxes = torch.tensor([0, 0, 8, 8.0]).expand(N, T, 4).clone()
+    mask_logits = torch.full((N, T, 28, 28), -8.0)
+    for j, slot in enumerate(slots):
+        boxes[slot] = torch.where(target["present"][j][:, None], target["boxes"][j], boxes[slot])
+        logits[slot, target["present"][j], target["labels"][j]] = 8.0
+        crops = crop_target_masks(target["masks"][j:j + 1], boxes[slot][:, None], 28)[:, 0, 0]
+        mask_logits[slot] = torch.where(crops >= 0.5, 8.0, -8.0)
+    return {"class_logits": logits, "boxes": boxes, "mask_logits": mask_logits}
+
+
+def test_matcher_recovers_the_assignment_and_perfect_predictions_cost_little():
+    target = _target()
+    out = _perfect_outputs(target, slots=[3, 1])
+    q, g = match_clip(out, target, LossConfig())
+    assert dict(zip(g.tolist(), q.tolist())) == {0: 3, 1: 1}
+    terms, counts = clip_loss_terms(out, target, (q, g), LossConfig())
+    assert counts["visible"] == 5  # 3 + 2 visible (track, frame) entries
+    assert terms["l1"] < 1e-6 and terms["giou"] < 1e-5
+    assert terms["dice"] / counts["visible"] < 0.02
+    assert terms["class"] / counts["visible"] < 0.01
+    # a wrong assignment costs more on every term
+    wrong, _ = clip_loss_terms(out, target, (torch.tensor([0, 2]), g), LossConfig())
+    for k in ("class", "l1", "giou", "dice"):
+        assert wrong[k] > terms[k] + 0.1
+
+
+def test_second_clip_keeps_the_first_assignment_and_gives_free_slots_to_new_tracks():
+    target = _target()
+    first = (torch.tensor([2]), torch.tensor([0]))  # the first clip only saw track 0, in slot 2
+    out = _perfect_outputs(target, slots=[2, 0])
+    q, g = extend_assignment(out, target, LossConfig(), first)
+    assert dict(zip(g.tolist(), q.tolist())) == {0: 2, 1: 0}
+    # even when the slot that fits track 0 best is elsewhere, the first clip's choice stands
+    out = _perfect_outputs(target, slots=[1, 0])
+    q, g = extend_assignment(out, target, LossConfig(), first)
+    assert dict(zip(g.tolist(), q.tolist()))[0] == 2
+
+
+def test_absent_frames_are_background_and_supervise_empty_masks():
+    target = _target()
+    out = _perfect_outputs(target, slots=[0, 1])
+    # slot 1 predicts the object also in frame 0, where ground truth 1 is absent
+    out["class_logits"][1, 0, 0] = 8.0
+    out["mask_logits"][1, 0] = 8.0
+    terms, _ = clip_loss_terms(out, target, (torch.tensor([0, 1]), torch.tensor([0, 1])), LossConfig())
+    clean, _ = clip_loss_terms(_perfect_outputs(target, slots=[0, 1]), target,
+                               (torch.tensor([0, 1]), torch.tensor([0, 1])), LossConfig())
+    assert terms["class"] > clean["class"] + 1.0
+    assert terms["mask_bce"] > clean["mask_bce"] + 1.0
+    assert torch.isclose(terms["dice"], clean["dice"])  # dice counts visible frames only
+
+
+def test_criterion_supervises_every_iteration():
+    target = _target()
+    stage = {k: v[None] for k, v in _perfect_outputs(target, slots=[0, 1]).items()}
+    loss, logs, final = TrackletCriterion(LossConfig())({"stages": [stage, stage]}, [target])
+    assert {"class_0", "class_1", "dice_1"} <= set(logs)
+    assert len(final) == 1 and len(final[0][0]) == 2
+
+
+def test_lr_schedule_and_correspondence_rule():
+    assert lr_factor(0, 100, [500]) == pytest.approx(0.001)
+    assert lr_factor(100, 100, [500]) == 1.0
+    assert lr_factor(500, 100, [500, 800]) == pytest.approx(0.1)
+    cfg = load_config("tiny")
+    assert correspondence_enabled(cfg, cfg.model.clip_length + 1)
+    assert not correspondence_enabled(cfg, cfg.model.clip_length)
+    cfg.data.correspondence = "off"
+    assert not correspondence_enabled(cfg, 100)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(str(root), 4, frames=8, height=96, width=160, seed=5, max_objects=2, workers=1,
+                   valid_videos=2)
+    return str(root)
+
+
+def _train(data, out, *settings, resume=False):
+    args = ["train", "--config", "tiny", "--data", data, "--out", out, "--threads", "1"]
+    for item in SMALL + ["train.samples_per_epoch=4", "train.batch_size=1", *settings]:
+        args += ["--set", item]
+    return main(args + (["--resume"] if resume else []))
+
+
+def test_resume_continues_exactly(small_data, tmp_path):
+    straight, split = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _train(small_data, straight, "train.epochs=2") == 0
+    assert _train(small_data, split, "train.epochs=1") == 0
+    assert _train(small_data, split, "train.epochs=2", resume=True) == 0
+    a = checkpoint.load(os.path.join(straight, "final.pt"))["model"]
+    b = checkpoint.load(os.path.join(split, "final.pt"))["model"]
+    assert checkpoint.load(os.path.join(split, "final.pt"))["step"] == 8
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    with open(os.path.join(split, "train.csv")) as f:
+        assert f.readline().startswith("step,")
+
+
+def test_torchrun_ddp_on_gloo(small_data, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "efficientvis", "train", "--config", "tiny", "--data", small_data, "--out", out,
+           "--threads", "1"]
+    for item in SMALL + ["train.samples_per_epoch=4", "train.batch_size=1", "train.epochs=1"]:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = checkpoint.load(os.path.join(out, "final.pt"))
+    assert ckpt["step"] == 2  # 4 samples, 2 processes, 1 per step each
+
+
+def test_bad_dataset_and_config_give_one_line(small_data, tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert main(["train", "--data", small_data, "--out", str(tmp_path / "o"), "--set", "model.hidden=3"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'model.hidden'" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--config", "nope", "--out", str(tmp_path / "o")]) == 1
+    assert "config 'nope' not found" in capsys.readouterr().err
