@@ -357,3 +357,24 @@ def test_export_multilevel_roialign(tmp_path):
     err = _ort_vs_torch(module, tmp_path / "m.onnx", "roialign")
     print(f"multilevel ONNX RoiAlign vs torch: {err:.2e}")
     assert err <= 1e-5
+
+
+def test_eager_level_grouping_equals_the_static_export_form():
+    """Training pools each RoI on its own level only; export pools every level and selects."""
+    torch.manual_seed(0)
+    strides = [4, 8, 16, 32]
+    feats = [torch.randn(3, 8, 64 // s, 96 // s, requires_grad=True) for s in (1, 2, 4, 8)]
+    boxes = torch.rand(3, 6, 4) * torch.tensor([96, 64, 96, 64.0])
+    boxes[..., 2:] = boxes[..., :2] + torch.rand(3, 6, 2) * 400
+    grouped = ra.multilevel_roi_align(feats, boxes, 7, 2, strides=strides)
+    levels = ra.assign_levels(boxes)
+    assert len(levels.unique()) >= 3
+    static = None
+    for i, (f, s) in enumerate(zip(feats, strides)):
+        pooled = ra.roi_align(f, boxes, 7, 1.0 / s, 2)
+        static = pooled if static is None else torch.where((levels == i)[:, :, None, None, None], pooled, static)
+    assert torch.equal(grouped, static)
+    g1 = torch.autograd.grad(grouped.sum(), feats, allow_unused=True, materialize_grads=True)
+    g2 = torch.autograd.grad(static.sum(), feats)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)

@@ -1,5 +1,6 @@
 """Matching, losses and the training machinery (resume, DDP on gloo, errors, overfitting)."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -162,3 +163,21 @@ def test_bad_dataset_and_config_give_one_line(small_data, tmp_path, capsys):
     assert "unknown key 'model.hidden'" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--config", "nope", "--out", str(tmp_path / "o")]) == 1
     assert "config 'nope' not found" in capsys.readouterr().err
+
+
+def test_overfits_two_short_videos(tmp_path):
+    """The model learns: two short synthetic videos are fitted to AP >= 0.90 (matching, losses,
+    correspondence learning and the inference loop all have to be right for that)."""
+    root = str(tmp_path / "two")
+    synth.generate(root, 2, frames=8, height=96, width=160, seed=3, max_objects=2, workers=1)
+    out = str(tmp_path / "run")
+    settings = SMALL + ["train.samples_per_epoch=2", "train.batch_size=2", "train.epochs=150",
+                        "train.lr=1e-3", "train.lr_drop_epochs=[120]", "train.checkpoint_every=1000",
+                        "data.valid_images=train/JPEGImages", "data.valid_annotations=train/annotations.json"]
+    args = ["train", "--config", "tiny", "--data", root, "--out", out, "--threads", "2"]
+    for item in settings:
+        args += ["--set", item]
+    assert main(args) == 0
+    with open(os.path.join(out, "valid.csv")) as f:
+        metrics = list(csv.DictReader(f))[-1]
+    assert float(metrics["AP"]) >= 0.90, metrics

@@ -363,6 +363,8 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, output_size:
         strides = [2 ** (2 + i) for i in range(len(features))]
     min_level = int(round(math.log2(strides[0])))
     levels = assign_levels(boxes, len(features), min_level, canonical_size, canonical_level)  # (B, R)
+    if _resolve_mode(mode) == "roialign" and not torch.compiler.is_compiling():
+        return _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio)
     out = None
     for i, (feat, stride) in enumerate(zip(features, strides)):
         pooled = roi_align(feat, boxes, output_size, 1.0 / stride, sampling_ratio, mode)
@@ -371,3 +373,20 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, output_size:
         else:
             out = torch.where((levels == i)[:, :, None, None, None], pooled, out)
     return out
+
+
+def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio):
+    """Eager (training/PyTorch inference) form of multilevel_roi_align: each RoI is pooled on its
+    own level only (4x less work). Same numbers as the static form; never used while exporting."""
+    oh, ow = _pair(output_size)
+    B, R = boxes.shape[:2]
+    flat_boxes = boxes.reshape(-1, 4)
+    batch = torch.arange(B, device=boxes.device).repeat_interleave(R)
+    flat_levels = levels.reshape(-1)
+    out = features[0].new_zeros(B * R, features[0].shape[1], oh, ow)
+    for i, (feat, stride) in enumerate(zip(features, strides)):
+        idx = torch.nonzero(flat_levels == i).flatten()
+        if idx.numel():
+            pooled = roi_align_flat(feat, flat_boxes[idx], batch[idx], (oh, ow), 1.0 / stride, sampling_ratio)
+            out = out.index_copy(0, idx, pooled)
+    return out.reshape(B, R, out.shape[1], oh, ow)
