@@ -132,7 +132,6 @@ def test_crop_that_removes_an_object_makes_it_absent():
 
 
 def test_pipeline_boxes_present_consistent_and_aligned():
-    rng = np.random.default_rng(0)
     T, H, W = 3, 60, 90
     frames = np.zeros((T, H, W, 3), np.uint8)
     masks = np.zeros((2, T, H, W), np.uint8)

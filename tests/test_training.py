@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from efficientvis.cli import main
-from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import LossConfig, load_config
 from efficientvis.training.losses import TrackletCriterion, clip_loss_terms

@@ -30,28 +30,14 @@ Resuming at an epoch therefore reproduces the same clips exactly.
 
 import os
 
-import cv2
 import numpy as np
 import torch
 
 from efficientvis.errors import UserError
 from efficientvis.training.transforms import derive_targets, resize_frames
 from efficientvis.ytvis import format as ytvis_format
+from efficientvis.ytvis.format import read_frame
 from efficientvis.ytvis.clips import inference_clips, resized_shape, sample_clip, sample_clip_pair
-
-
-def read_frame(image_root: str, video, t: int) -> np.ndarray:
-    """Frame t of a format.Video as (h, w, 3) uint8 RGB; UserError naming video and frame."""
-    path = os.path.join(image_root, video.file_names[t])
-    if not os.path.isfile(path):
-        raise UserError(f"{video.describe(t)}: missing image {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"{video.describe(t)}: cannot decode image {path}")
-    if image.shape[:2] != (video.height, video.width):
-        raise UserError(f"{video.describe(t)}: image {path} is {image.shape[1]}x{image.shape[0]} "
-                        f"but the annotations say {video.width}x{video.height}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _to_chw(frames: np.ndarray) -> torch.Tensor:

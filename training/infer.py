@@ -11,10 +11,6 @@ Hand-crafted linking (Table 1d ablation): every clip starts from q*, and trackle
 clips are linked by Hungarian matching on box IoU, box L1, mask IoU and class agreement.
 """
 
-import os
-
-import cv2
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -54,16 +50,8 @@ class TorchBackend:
 
 
 def video_frames(video, image_root):
-    """BGR frames of a dataset video, read one by one; a missing or broken JPEG is a UserError."""
-    for t, name in enumerate(video.file_names):
-        path = os.path.join(image_root, name)
-        frame = cv2.imread(path, cv2.IMREAD_COLOR)
-        if frame is None:
-            raise UserError(f"{video.describe(t)}: cannot read image {path}")
-        if frame.shape[:2] != (video.height, video.width):
-            raise UserError(f"{video.describe(t)}: image is {frame.shape[1]}x{frame.shape[0]}, "
-                            f"the annotation says {video.width}x{video.height}")
-        yield frame
+    """BGR frames of a dataset video, read one by one (a missing or broken JPEG is a UserError)."""
+    return (ytvis_format.read_frame(image_root, video, t, rgb=False) for t in range(video.length))
 
 
 def loop_options(cfg):

@@ -7,8 +7,6 @@ refinement (the new tracklet proposal), per-frame mask logits and the updated tr
 
 import math
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from efficientvis.training.box_ops import apply_deltas

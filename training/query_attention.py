@@ -4,7 +4,6 @@ Queries are (B, N, T, C): N tracklet queries with one embedding per frame. No po
 the embeddings are told apart by their RoI content, which keeps any clip length T' <= T valid.
 """
 
-import torch
 from torch import nn
 
 SCHEMES = ("factorised", "spatial", "temporal", "joint")

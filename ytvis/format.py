@@ -199,6 +199,22 @@ def load(path: str) -> Dataset:
     return parse(read_json(path, "annotation file"), path)
 
 
+def read_frame(image_root: str, video: Video, t: int, rgb: bool = True) -> np.ndarray:
+    """Frame t of a video as (h, w, 3) uint8 (RGB, or OpenCV's BGR); UserError naming video and frame."""
+    import cv2  # OpenCV is an extra of the base install
+
+    path = os.path.join(image_root, video.file_names[t])
+    if not os.path.isfile(path):
+        raise UserError(f"{video.describe(t)}: missing image {path}")
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise UserError(f"{video.describe(t)}: cannot decode image {path}")
+    if image.shape[:2] != (video.height, video.width):
+        raise UserError(f"{video.describe(t)}: image {path} is {image.shape[1]}x{image.shape[0]} "
+                        f"but the annotations say {video.width}x{video.height}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if rgb else image
+
+
 def check_images(dataset: Dataset, image_root: str) -> None:
     """Every frame of every video exists under image_root (JPEGImages/<video>/<frame>.jpg)."""
     if not os.path.isdir(image_root):
