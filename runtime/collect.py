@@ -7,27 +7,38 @@ from efficientvis.ytvis.results import video_results
 
 
 class TrackCollector:
-    """Accumulates the FrameResults of one video; masks are RLE-encoded as they arrive."""
+    """Accumulates the FrameResults of one video; masks are RLE-encoded as they arrive.
+
+    length: the video's frame count, or None when it is not known in advance (a stream, a run that
+    may be interrupted): the results then cover the frames seen so far. An instance that already
+    carries its RLE (attribute `rle`, set by the runtime's outputs) is not encoded again.
+    """
 
     def __init__(self, length, num_classes):
         self.length, self.num_classes = length, num_classes
-        self.rles = {}  # track id -> [RLE or None] * length
-        self.probs = {}  # track id -> (length, K)
+        self.frames = 0  # frames seen: 1 + the highest frame index added
+        self.rles = {}  # track id -> {frame: RLE}
+        self.probs = {}  # track id -> {frame: (K,)}
 
     def add(self, frame_result):
         t = frame_result.index
-        if t >= self.length:
+        if self.length is not None and t >= self.length:
             raise ValueError(f"frame {t} beyond the video length {self.length}")
+        self.frames = max(self.frames, t + 1)
         for inst in frame_result.instances:
-            if inst.track_id not in self.rles:
-                self.rles[inst.track_id] = [None] * self.length
-                self.probs[inst.track_id] = np.zeros((self.length, self.num_classes), np.float32)
-            self.rles[inst.track_id][t] = encode(inst.mask)
-            self.probs[inst.track_id][t] = inst.class_probs
+            rle = getattr(inst, "rle", None)
+            self.rles.setdefault(inst.track_id, {})[t] = rle if rle is not None else encode(inst.mask)
+            self.probs.setdefault(inst.track_id, {})[t] = np.asarray(inst.class_probs, np.float32)
 
     def results(self, video_id, category_ids, top_k=10):
         ids = sorted(self.rles)
         if not ids:
             return []
-        probs = np.stack([self.probs[i] for i in ids])
-        return video_results(video_id, [self.rles[i] for i in ids], probs, category_ids, top_k)
+        length = self.length if self.length is not None else self.frames
+        probs = np.zeros((len(ids), length, self.num_classes), np.float32)
+        rles = []
+        for k, track in enumerate(ids):
+            rles.append([self.rles[track].get(t) for t in range(length)])
+            for t, p in self.probs[track].items():
+                probs[k, t] = p
+        return video_results(video_id, rles, probs, category_ids, top_k)

@@ -1,0 +1,385 @@
+"""ONNX Runtime backend of the clip loop, over the exported graphs of MODEL_DIR.
+
+MODEL_DIR (written by `evis export`, interface in ARCHITECTURE.md): `backbone.onnx`,
+`stage_0.onnx` .. `stage_{M-1}.onnx` and/or the fused `model.onnx`, `initial_queries.npy` (q*) and
+`manifest.json`. `load_manifest` reads the manifest and checks every file it lists against its
+sha256 (a changed or truncated file is a UserError naming it), torch-free.
+
+`OrtBackend` creates its sessions once. Per clip: backbone -> stage_0 (init_queries = the recurrent
+queries, image_size) -> stage_1 .. stage_{K-1} (queries/proposals of the previous stage) ->
+the class logits, boxes and mask logits of stage K-1; its `next_queries` start the next clip.
+K = all M stages, or fewer (anytime inference: every stage outputs next_queries). The fused
+`model.onnx` (one call per clip, always all M stages) is used when it is the only graph there or
+when asked for (`fused=True`).
+
+Providers: "cpu"; "cuda" (CUDAExecutionProvider, device_id); "tensorrt" (TensorRT execution
+provider with FP16/INT8, engine and timing caches under `cache_dir` and optimisation profiles
+built from the manifest's dynamic axes, then CUDA, then CPU for what TensorRT does not take).
+`providers_in_use()` is what the sessions really run on (`session.get_providers()`); a requested
+GPU provider that fell back to CPU is reported on stderr once.
+
+On a GPU provider the backend uses IO binding: the frames are copied to the device once, the FPN
+features and the stage-to-stage queries and proposals stay on the device as OrtValues, and the
+recurrent queries (last stage's `next_queries`) stay there between clips; only the last stage's
+class logits, boxes and mask logits come back to the host. A slot reset (rare) round-trips the
+queries through the host and puts q* into the reset slots. On CPU plain `run()` is used.
+
+INT8: `qdq_dir` holds Q/DQ versions of the graphs (same file names, from `evis calibrate`); they run
+on every provider (TensorRT EP with trt_int8_enable). FP16 is a TensorRT EP option.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from efficientvis.errors import UserError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+FEATURES = ("p2", "p3", "p4", "p5")
+STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_logits", "next_queries")
+FUSED_OUTPUTS = ("class_logits", "proposals", "mask_logits", "next_queries")
+
+
+# ----------------------------------------------------------------------------------------------
+# manifest (the schema of export/manifest.py, read here without importing the export package)
+
+MANIFEST_FORMAT = "efficientvis-onnx"
+MANIFEST_VERSION = 1
+
+
+def sha256_of(path, chunk=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What the runtime needs from manifest.json (the whole dict is `data`)."""
+    model_dir: str
+    data: dict
+    clip_length: int  # T (the longest clip the graphs take)
+    num_queries: int  # N
+    hidden_dim: int  # C
+    num_stages: int  # M
+    num_classes: int  # K
+    class_names: list
+    category_ids: list
+    test_size: int
+    max_size: int
+    infer: dict = field(default_factory=dict)
+    graphs: dict = field(default_factory=dict)  # name -> {file, sha256, inputs, outputs, ...}
+    dynamic_axes: dict = field(default_factory=dict)  # axis -> {min, opt, max}
+    _initial_queries: np.ndarray = None
+
+    def path(self, graph):
+        return os.path.join(self.model_dir, self.graphs[graph]["file"])
+
+    def has(self, graph) -> bool:
+        return graph in self.graphs and os.path.isfile(self.path(graph))
+
+    def files(self):
+        """(file, sha256) of every file the manifest lists: graphs, external data, q*."""
+        out = []
+        for graph in self.graphs.values():
+            out.append((graph["file"], graph.get("sha256")))
+            out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", []) or []]
+        q = self.data.get("initial_queries")
+        if isinstance(q, dict) and q.get("file"):
+            out.append((q["file"], q.get("sha256")))
+        return out
+
+    def verify(self):
+        """UserError naming the first listed file that is missing or whose sha256 differs."""
+        for name, expected in self.files():
+            path = os.path.join(self.model_dir, name)
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: missing (listed in manifest.json; export again)")
+            if expected and sha256_of(path) != expected:
+                raise UserError(f"{path}: corrupt or modified (sha256 differs from manifest.json; "
+                                f"export again)")
+
+    @property
+    def initial_queries(self) -> np.ndarray:
+        """q* (N, C) float32."""
+        if self._initial_queries is None:
+            entry = self.data.get("initial_queries") or {}
+            path = os.path.join(self.model_dir, entry.get("file", "initial_queries.npy"))
+            try:
+                q = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read q* ({e})") from None
+            if q.shape != (self.num_queries, self.hidden_dim):
+                raise UserError(f"{path}: q* has shape {q.shape}, the manifest says "
+                                f"({self.num_queries}, {self.hidden_dim})")
+            self._initial_queries = np.ascontiguousarray(q, np.float32)
+        return self._initial_queries
+
+
+def load_manifest(model_dir, check_graphs=True) -> Manifest:
+    """MODEL_DIR/manifest.json (also copied into an ENGINE_DIR); with `check_graphs`, every listed
+    file is checked against its sha256. Bad folders/files are one-line UserErrors."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model folder not found: {model_dir}")
+    path = os.path.join(model_dir, "manifest.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{model_dir}: no manifest.json (not a complete `evis export` folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}: not an {MANIFEST_FORMAT} manifest")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise UserError(f"{path}: manifest format version {version!r} is newer than this runtime "
+                        f"reads ({MANIFEST_VERSION}); upgrade efficientvis")
+    try:
+        graphs = data["graphs"]
+        if not isinstance(graphs, dict) or not graphs or \
+                not all(isinstance(g, dict) and g.get("file") for g in graphs.values()):
+            raise ValueError("no graphs listed")
+        pre = data["preprocessing"]
+        manifest = Manifest(
+            model_dir=model_dir, data=data, clip_length=int(data["T"]), num_queries=int(data["N"]),
+            hidden_dim=int(data["C"]), num_stages=int(data["M"]), num_classes=int(data["K"]),
+            class_names=[str(c) for c in data["class_names"]],
+            category_ids=[int(c) for c in data["category_ids"]],
+            test_size=int(pre["test_size"]), max_size=int(pre.get("max_size") or 0),
+            infer=dict(data.get("infer") or {}), graphs=graphs,
+            dynamic_axes=dict(data.get("dynamic_axes") or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: incomplete manifest ({type(e).__name__}: {e})") from None
+    if len(manifest.category_ids) != manifest.num_classes or len(manifest.class_names) != manifest.num_classes:
+        raise UserError(f"{path}: {len(manifest.class_names)} class names and {len(manifest.category_ids)} "
+                        f"category ids for K = {manifest.num_classes} classes")
+    if check_graphs:
+        manifest.verify()
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _profile_string(shapes):
+    return ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+
+
+def axis_values(T, H, W):
+    """Values of the manifest's named axes for clips of T frames of H x W (model input)."""
+    axes = {"T": int(T), "H": int(H), "W": int(W)}
+    for stride in STRIDES.values():
+        axes[f"H{stride}"], axes[f"W{stride}"] = -(-int(H) // stride), -(-int(W) // stride)
+    return axes
+
+
+def dynamic_input_shapes(graph_entry, T, H, W):
+    """{input name: shape} of a graph's inputs that have named (dynamic) axes."""
+    axes = axis_values(T, H, W)
+    shapes = {}
+    for tensor in graph_entry.get("inputs", []):
+        shape = tensor["shape"]
+        if all(isinstance(d, int) for d in shape):
+            continue
+        try:
+            shapes[tensor["name"]] = tuple(axes[d] if isinstance(d, str) else int(d) for d in shape)
+        except KeyError as e:
+            raise UserError(f"manifest: input {tensor['name']} has an unknown axis {e}") from None
+    return shapes
+
+
+class OrtBackend:
+    """The clip-loop backend interface (runtime/clip_loop.py) on ONNX Runtime sessions."""
+
+    def __init__(self, model_dir, provider="cpu", fp16=False, int8=False, threads=0, cache_dir=None,
+                 profile_shapes=None, qdq_dir=None, fused=False, device_id=0, manifest=None):
+        import onnxruntime as ort
+
+        self.ort = ort
+        if provider not in PROVIDERS:
+            raise UserError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+        if fp16 and provider != "tensorrt":
+            raise UserError("--fp16 needs --provider tensorrt (ONNX Runtime's CPU and CUDA providers run "
+                            "the FP32 graphs as they are)")
+        self.manifest = m = manifest or load_manifest(model_dir)
+        self.model_dir, self.provider, self.device_id = model_dir, provider, int(device_id)
+        self.num_queries, self.clip_length = m.num_queries, m.clip_length
+        self.num_stages = m.num_stages
+        graph_dir, graphs_of = model_dir, m
+        if int8 or qdq_dir:
+            if not qdq_dir:
+                raise UserError("INT8 needs the Q/DQ graphs written by `evis calibrate` (--qdq DIR)")
+            if not os.path.isdir(qdq_dir):
+                raise UserError(f"Q/DQ folder not found: {qdq_dir}")
+            if os.path.isfile(os.path.join(qdq_dir, "manifest.json")):
+                graphs_of = load_manifest(qdq_dir)
+            graph_dir, int8 = qdq_dir, True
+
+        def file_of(g):
+            entry = graphs_of.graphs.get(g)
+            return os.path.join(graph_dir, entry["file"] if entry else g + ".onnx")
+
+        split = ["backbone"] + [f"stage_{k}" for k in range(self.num_stages)]
+        self.fused = bool(fused) or not all(os.path.isfile(file_of(g)) for g in split)
+        if self.fused and not os.path.isfile(file_of("model")):
+            raise UserError(f"{graph_dir}: " + ("no model.onnx (export with --fused)" if fused else
+                                               "neither backbone.onnx + stage_k.onnx nor model.onnx"))
+        graphs = ["model"] if self.fused else split
+        files = {g: file_of(g) for g in graphs}
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        self.sessions = {}
+        for g in graphs:
+            # providers this ONNX Runtime lacks are left out (reported below, without ORT's own
+            # warnings); one that is there but fails to load falls back to CPU inside ORT
+            providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes)
+                         if (p[0] if isinstance(p, tuple) else p) in available]
+            try:
+                self.sessions[g] = ort.InferenceSession(files[g], options, providers=providers)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
+                raise UserError(f"{files[g]}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:200]})") from None
+        self.in_use = self.providers_in_use()
+        # IO binding keeps tensors on this device between stages and clips ("cuda" for both GPU
+        # providers; tests run the same path with "cpu")
+        self.on_device = self.in_use[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.device_type = "cuda"
+        if provider != "cpu" and PROVIDERS[provider] not in self.in_use:
+            _warn(f"{PROVIDERS[provider]} was requested but is not available in this ONNX Runtime "
+                  f"({ort.__version__}, device {ort.get_device()}); running on {', '.join(self.in_use)}. "
+                  f"Install onnxruntime-gpu (and not onnxruntime) matching your CUDA, and check "
+                  f"the CUDA/cuDNN/TensorRT libraries are found")
+        self.q_star = m.initial_queries
+        self.queries = None
+        self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
+
+    # -- providers -------------------------------------------------------------------------------
+    def _providers(self, graph, fp16, int8, cache_dir, profile_shapes):
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.provider == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        cache = cache_dir or os.path.join(self.model_dir, "trt_cache")
+        try:
+            os.makedirs(cache, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the TensorRT cache folder {cache}: {e.strerror or e} "
+                            f"(give a writable one with --cache)") from None
+        trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8),
+               "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+        profiles = self.profiles(graph, profile_shapes)
+        for key in ("min", "opt", "max"):
+            trt[f"trt_profile_{key}_shapes"] = _profile_string(profiles[key])
+        return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+    def profiles(self, graph, profile_shapes=None):
+        """TensorRT optimisation profiles of a graph's dynamic inputs. `profile_shapes`:
+        {"min"|"opt"|"max": (T, H, W)} frame shapes (e.g. from the source's size); default the
+        manifest's dynamic_axes ranges."""
+        m = self.manifest
+        if profile_shapes is None:
+            axes = m.dynamic_axes
+            try:
+                profile_shapes = {k: (axes["T"][k], axes["H"][k], axes["W"][k]) for k in ("min", "opt", "max")}
+            except (KeyError, TypeError):
+                raise UserError(f"{m.model_dir}/manifest.json: no dynamic_axes T/H/W min/opt/max for "
+                                f"the TensorRT profiles (export again)") from None
+        entry = m.graphs[graph]
+        return {key: dynamic_input_shapes(entry, *profile_shapes[key]) for key in ("min", "opt", "max")}
+
+    def providers_in_use(self):
+        seen = []
+        for s in self.sessions.values():
+            for p in s.get_providers():
+                if p not in seen:
+                    seen.append(p)
+        return seen
+
+    # -- the backend interface ---------------------------------------------------------------------
+    def start_video(self):
+        self.queries = self._to_device(self.q_star) if self.on_device else self.q_star.copy()
+
+    def _to_device(self, array):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def _reset(self, reset):
+        queries = self.queries.numpy() if self.on_device else self.queries
+        queries = np.array(queries, np.float32, copy=True)
+        queries[reset] = self.q_star[reset]
+        self.queries = self._to_device(queries) if self.on_device else queries
+
+    def run_clip(self, frames, reset, num_iterations=None):
+        stages = int(num_iterations or self.num_stages)
+        if not 1 <= stages <= self.num_stages:
+            raise UserError(f"the model has {self.num_stages} stages; cannot run {stages}")
+        if self.fused and stages != self.num_stages:
+            raise UserError("anytime inference (fewer stages) needs the split graphs "
+                            "(backbone.onnx + stage_k.onnx), not model.onnx")
+        if self.queries is None:
+            self.start_video()
+        if reset is not None and np.any(reset):
+            self._reset(np.asarray(reset, bool))
+        frames = np.ascontiguousarray(frames, np.uint8)
+        image_size = np.array(frames.shape[-2:], np.float32)
+        try:
+            return self._forward(frames, image_size, stages)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT's InvalidArgument / Fail / RuntimeException
+            if type(e).__module__.startswith("onnxruntime"):
+                raise UserError(f"ONNX Runtime rejected the clip of shape {frames.shape} "
+                                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+            raise
+        return out
+
+    def _call(self, graph, feeds, outputs):
+        """One session run. On a GPU provider through IO binding: inputs that are OrtValues stay
+        where they are, numpy inputs are copied in, outputs stay on the device as OrtValues."""
+        session = self.sessions[graph]
+        feeds = {n: v for n, v in feeds.items() if n in self.inputs[graph]}
+        if not self.on_device:
+            return dict(zip(outputs, session.run(list(outputs), feeds)))
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, self.device_type, self.device_id)
+        session.run_with_iobinding(binding)
+        return dict(zip(outputs, binding.get_outputs()))
+
+    def _forward(self, frames, image_size, stages):
+        first = {"init_queries": self.queries, "image_size": image_size}
+        frames = self._to_device(frames) if self.on_device else frames
+        if self.fused:
+            out = self._call("model", {"frames": frames, **first}, FUSED_OUTPUTS)
+        else:
+            features = self._call("backbone", {"frames": frames}, FEATURES)
+            for k in range(stages):
+                feeds = dict(features, **(first if k == 0 else
+                                          {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
+                out = self._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
+        self.queries = out["next_queries"]  # an OrtValue on the device with IO binding
+        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_logits": out["mask_logits"]}
+        return {k: v.numpy() if self.on_device else v for k, v in host.items()}

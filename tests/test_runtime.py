@@ -1,0 +1,490 @@
+"""The torch-free runtime: ONNX Runtime backend vs PyTorch, `evis run` outputs, Ctrl-C, bad input,
+torch made unimportable, TensorRT engine metadata (TensorRT itself only where it imports).
+
+One tiny random-weight model (ResNet-18 at 1/4 width, C=32, N=4, M=2, T=4, 64-pixel frames) is
+exported once per session with `evis export` (efficientvis.export.export); its class biases are
+raised so that most slots are foreground and there are tracks to compare.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from efficientvis.errors import UserError
+from efficientvis.runtime import outputs as outputs_mod
+from efficientvis.runtime.clip_loop import FrameResult, Instance, LoopOptions, run_clips
+from efficientvis.runtime.trt_backend import check_engine_metadata, is_engine_dir, read_engine_metadata
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "OMP_NUM_THREADS": "1"}
+EVIS = [sys.executable, "-c", "import sys; from efficientvis.cli import main; sys.exit(main())"]
+CLASS_NAMES = ["disc", "square", "triangle", "star", "cross", "ring"]
+CATEGORY_IDS = [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: a tiny exported model and synthetic videos (once per session)
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from efficientvis.export.export import export_model
+    from efficientvis.training import checkpoint
+    from efficientvis.training.config import load_config
+    from efficientvis.training.model import build_model
+
+    root = tmp_path_factory.mktemp("exported")
+    cfg = load_config("tiny")
+    cfg.model.hidden_dim, cfg.model.num_queries, cfg.model.num_iterations = 32, 4, 2
+    cfg.model.clip_length, cfg.model.ffn_dim, cfg.model.dynamic_dim = 4, 64, 8
+    cfg.data.test_size, cfg.data.max_size = 64, 112
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():  # most slots foreground, classes differing: tracks to compare
+        for it in model.iterations:
+            it.class_logits.bias.copy_(torch.linspace(2.0, 5.5, cfg.model.num_classes))
+    ckpt = str(root / "tiny.pt")
+    checkpoint.save(ckpt, model=model.state_dict(), config=cfg.to_dict(), class_names=CLASS_NAMES,
+                    category_ids=CATEGORY_IDS)
+    model_dir = str(root / "model")
+    export_model(ckpt, model_dir, fused=True, verify=False, log=lambda m: None)
+    return {"checkpoint": ckpt, "model_dir": model_dir, "cfg": cfg}
+
+
+@pytest.fixture(scope="session")
+def video(tmp_path_factory):
+    from efficientvis.ytvis.synth import write_video
+
+    folder = tmp_path_factory.mktemp("video")
+    path = str(folder / "short.mp4")
+    gt = write_video(path, frames=14, height=72, width=120, seed=3)
+    return {"path": path, "gt": gt, "frames": 14}
+
+
+def _torch_backend(exported):
+    pytest.importorskip("torch")
+    from efficientvis.training.infer import TorchBackend, load_model
+
+    model, cfg, _ = load_model(exported["checkpoint"], "cpu")
+    return TorchBackend(model, "cpu"), cfg
+
+
+def _read_frames(path):
+    cap = cv2.VideoCapture(path)
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def _evis(args, **kw):
+    return subprocess.run([*EVIS, *args], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=240, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime backend vs PyTorch
+
+def _assert_close(a, b, name, atol=1e-4, rtol=1e-5):
+    err = float(np.abs(a.astype(np.float64) - b).max())
+    tol = atol + rtol * float(np.abs(b).max())
+    assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+    return err
+
+
+def test_ort_backend_matches_pytorch_per_clip(exported):
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    torch_b, _ = _torch_backend(exported)
+    ort_b = OrtBackend(exported["model_dir"], threads=1)
+    assert (ort_b.num_queries, ort_b.clip_length, ort_b.providers_in_use()) == (4, 4, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    torch_b.start_video()
+    ort_b.start_video()
+    errors = {}
+    # full clips, a shorter last clip, another frame size, a reset of two slots
+    for i, (T, H, W) in enumerate([(4, 64, 112), (4, 64, 112), (2, 64, 112), (3, 96, 64)]):
+        frames = rng.integers(0, 256, (T, 3, H, W), dtype=np.uint8)
+        reset = np.zeros(4, bool)
+        if i == 2:
+            reset[[1, 3]] = True
+        ref = torch_b.run_clip(frames, reset)
+        got = ort_b.run_clip(frames, reset)
+        for key in ("class_logits", "boxes", "mask_logits"):
+            assert got[key].shape == ref[key].shape and got[key].dtype == np.float32
+            # boxes are pixels (values up to ~10^2..10^3): 1e-4 absolute plus float32 relative slack
+            errors[key] = max(errors.get(key, 0), _assert_close(got[key], ref[key], key))
+    print("max abs errors ORT vs PyTorch:", errors)
+
+
+def test_anytime_inference_and_io_binding_path(exported):
+    """Fewer stages == PyTorch with num_iterations=K; the IO-binding path (device OrtValues kept
+    between stages and clips, as on CUDA) run on CPU memory gives the same numbers as plain run()."""
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    torch_b, _ = _torch_backend(exported)
+    plain = OrtBackend(exported["model_dir"], threads=1)
+    bound = OrtBackend(exported["model_dir"], threads=1)
+    bound.on_device, bound.device_type = True, "cpu"
+    rng = np.random.default_rng(1)
+    for b in (torch_b, plain, bound):
+        b.start_video()
+    for i in range(3):
+        frames = rng.integers(0, 256, (4, 3, 64, 112), dtype=np.uint8)
+        reset = np.array([False, i == 2, False, False])
+        ref = torch_b.run_clip(frames, reset, 1)
+        a = plain.run_clip(frames, reset, 1)
+        b = bound.run_clip(frames, reset, 1)
+        for key in ref:
+            _assert_close(a[key], ref[key], key)
+            np.testing.assert_array_equal(a[key], b[key])
+    assert isinstance(bound.queries, bound.ort.OrtValue)  # stayed an OrtValue between clips
+    with pytest.raises(UserError, match="2 stages"):
+        plain.run_clip(frames, None, 3)
+
+
+def test_fused_model_matches_split_graphs(exported):
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    split = OrtBackend(exported["model_dir"], threads=1)
+    fused = OrtBackend(exported["model_dir"], threads=1, fused=True)
+    fused_bound = OrtBackend(exported["model_dir"], threads=1, fused=True)
+    fused_bound.on_device, fused_bound.device_type = True, "cpu"
+    assert list(fused.sessions) == ["model"] and len(split.sessions) == 3
+    rng = np.random.default_rng(2)
+    for b in (split, fused, fused_bound):
+        b.start_video()
+    for i in range(3):
+        frames = rng.integers(0, 256, (4 - i, 3, 64, 112), dtype=np.uint8)
+        reset = np.array([i == 1, False, False, i == 1])
+        ref = split.run_clip(frames, reset)
+        for b in (fused, fused_bound):
+            got = b.run_clip(frames, reset)
+            for key in ref:
+                _assert_close(got[key], ref[key], key, atol=1e-5)
+    with pytest.raises(UserError, match="anytime inference"):
+        fused.run_clip(frames, None, 1)
+
+
+def test_same_tracks_as_pytorch_over_a_video(exported, video):
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    torch_b, cfg = _torch_backend(exported)
+    options = LoopOptions(clip_length=4, size=cfg.data.test_size, max_size=cfg.data.max_size)
+    frames = _read_frames(video["path"])
+    ref = list(run_clips(torch_b, iter(frames), options))
+    got = list(run_clips(OrtBackend(exported["model_dir"], threads=1), iter(frames), options))
+    assert len(ref) == len(got) == video["frames"]
+    n_instances = 0
+    for r, g in zip(ref, got):
+        assert [(i.track_id, i.label) for i in r.instances] == [(i.track_id, i.label) for i in g.instances]
+        for a, b in zip(r.instances, g.instances):
+            assert (a.mask != b.mask).mean() < 1e-3  # pixels exactly at the 0.5 threshold may flip
+            np.testing.assert_allclose(a.class_probs, b.class_probs, atol=1e-4)
+            n_instances += 1
+    assert n_instances > 0 and len({i.track_id for r in got for i in r.instances}) >= 2
+
+
+def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):
+    import onnxruntime as ort
+
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA")
+    b = OrtBackend(exported["model_dir"], provider="tensorrt", fp16=True, threads=1,
+                   cache_dir=str(exported["model_dir"]) + "_cache",
+                   profile_shapes={"min": (1, 64, 112), "opt": (4, 64, 112), "max": (4, 64, 112)})
+    assert b.providers_in_use() == ["CPUExecutionProvider"] and not b.on_device
+    assert "TensorrtExecutionProvider was requested" in capsys.readouterr().err
+    # the TensorRT EP options that would be used (profiles from the manifest's named axes)
+    name, opts = b._providers("stage_1", True, False, None, None)[0]
+    assert name == "TensorrtExecutionProvider" and opts["trt_fp16_enable"] and not opts["trt_int8_enable"]
+    assert opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"]
+    assert opts["trt_profile_min_shapes"].startswith("p2:1x32x8x8,")
+    assert "queries_in:4x4x32" in opts["trt_profile_max_shapes"]
+    b.start_video()
+    out = b.run_clip(np.zeros((2, 3, 64, 112), np.uint8), None)
+    assert out["class_logits"].shape == (4, 2, 6)
+    with pytest.raises(UserError, match="--fp16 needs --provider tensorrt"):
+        OrtBackend(exported["model_dir"], provider="cpu", fp16=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch made unimportable
+
+def test_runtime_runs_with_torch_unimportable(exported, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        class _NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+                return None
+        sys.meta_path.insert(0, _NoTorch())
+        import numpy as np, cv2
+        import efficientvis.runtime.sources, efficientvis.runtime.outputs, efficientvis.runtime.run
+        import efficientvis.runtime.trt_backend, efficientvis.runtime.linking, efficientvis.runtime.collect
+        from efficientvis.runtime.ort_backend import OrtBackend
+        from efficientvis.runtime.clip_loop import LoopOptions, run_clips
+        backend = OrtBackend({exported['model_dir']!r}, threads=1)
+        frames = [np.full((72, 120, 3), 40 * i, np.uint8) for i in range(6)]
+        results = list(run_clips(backend, iter(frames), LoopOptions(clip_length=4, size=64, max_size=112)))
+        assert len(results) == 6
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch imported"
+        print("ok", sum(len(r.instances) for r in results))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok")
+    # and `evis run --help` does not need torch either
+    proc = subprocess.run([sys.executable, "-c", script.split("import numpy")[0] +
+                           "from efficientvis.cli import main\nsys.exit(main(['run', '--help']))"],
+                          env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--source" in proc.stdout, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# evis run
+
+def _check_outputs(out_dir, frames, size):
+    lines = open(os.path.join(out_dir, "tracks.jsonl")).read().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["frame"] for r in records] == list(range(len(records)))
+    assert len(records) == frames
+    for r in records:
+        for t in r["tracks"]:
+            assert set(t) == {"id", "class", "category_id", "score", "box", "mask"}
+            assert t["class"] in CLASS_NAMES and t["category_id"] == CATEGORY_IDS[CLASS_NAMES.index(t["class"])]
+            assert t["mask"]["size"] == [size[1], size[0]] and len(t["box"]) == 4
+    overlay = [f for f in os.listdir(out_dir) if f.startswith("overlay")]
+    video_frames = _read_frames(os.path.join(out_dir, overlay[0])) if overlay else []
+    return records, video_frames
+
+
+def test_evis_run_writes_all_outputs(exported, video, tmp_path):
+    from efficientvis.ytvis import format as ytvis_format
+    from efficientvis.ytvis.metric import validate_results
+
+    out = str(tmp_path / "out")
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", video["path"], "--out", out,
+                  "--threads", "1", "--show"])
+    assert proc.returncode == 0, proc.stderr
+    records, overlay = _check_outputs(out, video["frames"], (120, 72))
+    assert sum(len(r["tracks"]) for r in records) > 0
+    assert len(overlay) == video["frames"] and overlay[0].shape == (72, 120, 3)
+    results = json.load(open(os.path.join(out, "results.json")))
+    gt = ytvis_format.load(video["gt"])
+    assert validate_results(gt, results) and len(results) <= 10
+    assert {r["category_id"] for r in results} <= set(CATEGORY_IDS)
+    for name in ("overlay.mp4", "tracks.jsonl", "results.json"):
+        assert os.path.join(out, name) in proc.stdout
+    assert "--show ignored" in proc.stderr and "FPS" in proc.stdout
+
+
+def test_evis_run_anytime_short_clips_folder_avi_max_frames(exported, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(9):
+        cv2.imwrite(str(folder / f"{i:05d}.jpg"), np.full((60, 80, 3), 25 * i, np.uint8))
+    out = str(tmp_path / "out")
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
+                  "--stages", "1", "--clip", "3", "--max-frames", "7", "--video-format", "avi",
+                  "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr
+    records, overlay = _check_outputs(out, 7, (80, 60))
+    assert len(overlay) == 7 and os.path.exists(os.path.join(out, "overlay.avi"))
+    assert "1/2 stages" in proc.stderr and "clips of 3" in proc.stderr
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
+                  "--no-video", "--stages", "3"])
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--stages" in proc.stderr
+
+
+def test_sigint_keeps_complete_outputs(exported, tmp_path):
+    from efficientvis.ytvis.synth import write_video
+
+    long_video = str(tmp_path / "long.mp4")
+    write_video(long_video, frames=400, height=72, width=120, seed=5)
+    out = str(tmp_path / "out")
+    proc = subprocess.Popen([*EVIS, "run", "--model", exported["model_dir"],
+                             "--source", long_video, "--out", out, "--threads", "1"],
+                            env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracks = os.path.join(out, "tracks.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(tracks) and os.path.getsize(tracks) > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    records, overlay = _check_outputs(out, len(open(tracks).read().splitlines()), (120, 72))
+    assert 4 <= len(records) < 400
+    assert len(overlay) == len(records)  # the MP4 was finalised and holds every processed frame
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert all(len(r["segmentations"]) == len(records) for r in results)
+    assert "interrupted" in stderr and not os.path.exists(os.path.join(out, "results.json.partial"))
+
+
+def test_bad_input_is_one_line(exported, video, tmp_path):
+    def run(*args):
+        proc = _evis(["run", *args, "--out", str(tmp_path / "out"), "--no-video"])
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("evis run: error: "), proc.stderr
+        return lines[0]
+
+    model = exported["model_dir"]
+    assert "model folder not found" in run("--model", str(tmp_path / "nope"), "--source", video["path"])
+    corrupt = str(tmp_path / "corrupt_model")
+    shutil.copytree(model, corrupt)
+    with open(os.path.join(corrupt, "stage_1.onnx"), "ab") as f:
+        f.write(b"\0garbage")
+    assert "stage_1.onnx: corrupt or modified (sha256" in run("--model", corrupt, "--source", video["path"])
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(os.urandom(4096))
+    assert "bad.mp4" in run("--model", model, "--source", str(bad))
+    assert "camera 7" in run("--model", model, "--source", "7")
+    assert "GStreamer" in run("--model", model, "--source", "csi://0")
+    thin = tmp_path / "thin"
+    thin.mkdir()
+    cv2.imwrite(str(thin / "0.png"), np.zeros((4, 400, 3), np.uint8))
+    assert "the exported graphs take 32..112 x 32..112 pixels" in run("--model", model, "--source", str(thin))
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs (unit level)
+
+def _instance(track_id, h=40, w=60):
+    mask = np.zeros((h, w), bool)
+    mask[5:20, 10:30] = True
+    probs = np.full(6, 0.05, np.float32)
+    probs[track_id % 6] = 0.9
+    return Instance(track_id, probs, np.array([10, 5, 30, 20], np.float32), mask)
+
+
+def test_track_colours_are_stable_and_distinct():
+    colours = [outputs_mod.track_colour(i) for i in range(1, 13)]
+    assert colours == [outputs_mod.track_colour(i) for i in range(1, 13)]
+    assert len(set(colours)) == 12
+    image = outputs_mod.draw_instances(np.zeros((40, 60, 3), np.uint8), [_instance(3)], CLASS_NAMES)
+    assert image[10, 20].any() and not image[35, 55].any()
+
+
+def test_tracks_jsonl_is_written_per_clip(tmp_path):
+    path = str(tmp_path / "tracks.jsonl")
+    w = outputs_mod.TracksJsonl(path, CLASS_NAMES, CATEGORY_IDS)
+    w.add(FrameResult(0, None, [_instance(1), _instance(2)]))
+    w.add(FrameResult(1, None, []))
+    assert open(path).read() == ""  # nothing before the clip is complete
+    w.end_clip()
+    w.add(FrameResult(2, None, [_instance(4)]))  # a clip cut short: written on close
+    lines = open(path).read().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["tracks"][1]["class"] == "triangle"
+    w.close()
+    last = json.loads(open(path).read().splitlines()[-1])
+    assert last["frame"] == 2 and last["tracks"][0]["category_id"] == 5
+
+
+def test_overlay_writer_fails_clearly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write the overlay video|File exists|Not a directory"):
+        outputs_mod.OverlayVideo(str(blocker / "overlay.mp4"), 30, (64, 48))
+    with pytest.raises(UserError, match="format"):
+        outputs_mod.OverlayVideo(str(tmp_path / "o.mkv"), 30, (64, 48), fmt="mkv")
+
+
+def test_avi_overlay_survives_a_hard_kill(tmp_path):
+    """--video-format avi: readable even when the process dies without releasing the writer."""
+    path = str(tmp_path / "overlay.avi")
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from efficientvis.runtime.outputs import OverlayVideo
+        v = OverlayVideo({path!r}, 10, (64, 48), "avi")
+        for i in range(40):
+            v.write(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        os._exit(9)  # no release
+    """)
+    subprocess.run([sys.executable, "-c", script], env=ENV, timeout=60)
+    assert len(_read_frames(path)) >= 30
+
+
+def test_status_line_is_rate_limited():
+    class Stream:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    now = [0.0]
+    stream = Stream()
+    status = outputs_mod.StatusLine(stream, interval=0.25, clock=lambda: now[0])
+    shown = 0
+    for i in range(100):
+        now[0] += 0.01
+        shown += status.update(i + 1, clip_ms=120.0)
+    assert shown == 4  # 1 s of updates at most every 0.25 s
+    assert "FPS" in stream.text and "clip latency 120 ms" in stream.text
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorRT engine metadata (pure Python) and the backend itself where TensorRT exists
+
+def test_engine_metadata_check(tmp_path):
+    meta = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7",
+            "precision": "fp16", "profiles": [], "onnx_sha256": "ab"}
+    assert check_engine_metadata(meta, "10.3.0.30", "Orin", (8, 7))
+    with pytest.raises(UserError, match=r"built with TensorRT 10\.3\.0, this machine has TensorRT 11\.0\.0"):
+        check_engine_metadata(meta, "11.0.0", "Orin", "8.7")
+    with pytest.raises(UserError, match=r"built on Orin \(compute capability 8\.7\), this GPU is "
+                                        r"NVIDIA H100 80GB HBM3 \(compute capability 9\.0\)"):
+        check_engine_metadata(meta, "10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+    engine = tmp_path / "backbone.engine"
+    engine.write_bytes(b"plan")
+    assert not is_engine_dir(str(tmp_path))
+    with pytest.raises(UserError, match="metadata backbone.engine.json is missing"):
+        read_engine_metadata(str(engine))
+    (tmp_path / "backbone.engine.json").write_text(json.dumps({"tensorrt_version": "10.3"}))
+    with pytest.raises(UserError, match="lacks gpu_name, compute_capability"):
+        read_engine_metadata(str(engine))
+    (tmp_path / "backbone.engine.json").write_text(json.dumps(meta))
+    assert read_engine_metadata(str(engine)) == meta and is_engine_dir(str(tmp_path))
+
+
+def test_trt_backend_on_a_gpu(exported):  # pragma: no cover - needs TensorRT + a GPU
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("cuda")
+    engine_dir = os.path.join(os.path.dirname(exported["model_dir"]), "engines")
+    if not os.path.isdir(engine_dir):
+        pytest.skip("no engines built (evis build)")
+    from efficientvis.runtime.trt_backend import TrtBackend
+
+    backend = TrtBackend(engine_dir)
+    backend.start_video()
+    out = backend.run_clip(np.zeros((4, 3, 64, 112), np.uint8), None)
+    assert out["class_logits"].shape == (4, 4, 6)
