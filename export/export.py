@@ -27,7 +27,7 @@ How each graph is made:
   the fused graph against the split graphs run in sequence. The max abs error per output goes into
   the manifest; an error above 1e-3 + 1e-5 * max|reference| fails the export.
 
-The manifest (export/manifest.py) is written last, atomically; files of an earlier export in the
+The manifest (runtime/manifest.py) is written last, atomically; files of an earlier export in the
 folder (same names) are removed first, so a folder with a manifest is always one complete export.
 """
 
@@ -47,7 +47,7 @@ import numpy as np
 from efficientvis import __version__
 from efficientvis.errors import UserError
 from efficientvis.export import graphs as G
-from efficientvis.export import manifest as manifest_lib
+from efficientvis.runtime import manifest as manifest_lib
 
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's dynamo exporter

@@ -280,7 +280,7 @@ def check_onnx(path: str, table: dict | None = None) -> list:
 
 def _graph_files(model_dir):
     """(graph name, path) of every graph of MODEL_DIR's manifest (sha256-checked)."""
-    from efficientvis.export import manifest as manifest_lib
+    from efficientvis.runtime import manifest as manifest_lib
 
     m = manifest_lib.load(model_dir)
     return [(name, m.path(name)) for name in m.graph_names]

@@ -2,7 +2,7 @@
 
 MODEL_DIR (written by `evis export`, interface in ARCHITECTURE.md): `backbone.onnx`,
 `stage_0.onnx` .. `stage_{M-1}.onnx` and/or the fused `model.onnx`, `initial_queries.npy` (q*) and
-`manifest.json`. `load_manifest` reads the manifest and checks every file it lists against its
+`manifest.json`. `manifest.load` reads the manifest and checks every file it lists against its
 sha256 (a changed or truncated file is a UserError naming it), torch-free.
 
 `OrtBackend` creates its sessions once. Per clip: backbone -> stage_0 (init_queries = the recurrent
@@ -28,15 +28,13 @@ INT8: `qdq_dir` holds Q/DQ versions of the graphs (same file names, from `evis c
 on every provider (TensorRT EP with trt_int8_enable). FP16 is a TensorRT EP option.
 """
 
-import hashlib
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from efficientvis.errors import UserError
+from efficientvis.runtime import manifest as manifest_lib
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -44,127 +42,6 @@ FEATURES = ("p2", "p3", "p4", "p5")
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
 STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_logits", "next_queries")
 FUSED_OUTPUTS = ("class_logits", "proposals", "mask_logits", "next_queries")
-
-
-# ----------------------------------------------------------------------------------------------
-# manifest (the schema of export/manifest.py, read here without importing the export package)
-
-MANIFEST_FORMAT = "efficientvis-onnx"
-MANIFEST_VERSION = 1
-
-
-def sha256_of(path, chunk=1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@dataclass
-class Manifest:
-    """What the runtime needs from manifest.json (the whole dict is `data`)."""
-    model_dir: str
-    data: dict
-    clip_length: int  # T (the longest clip the graphs take)
-    num_queries: int  # N
-    hidden_dim: int  # C
-    num_stages: int  # M
-    num_classes: int  # K
-    class_names: list
-    category_ids: list
-    test_size: int
-    max_size: int
-    infer: dict = field(default_factory=dict)
-    graphs: dict = field(default_factory=dict)  # name -> {file, sha256, inputs, outputs, ...}
-    dynamic_axes: dict = field(default_factory=dict)  # axis -> {min, opt, max}
-    _initial_queries: np.ndarray = None
-
-    def path(self, graph):
-        return os.path.join(self.model_dir, self.graphs[graph]["file"])
-
-    def has(self, graph) -> bool:
-        return graph in self.graphs and os.path.isfile(self.path(graph))
-
-    def files(self):
-        """(file, sha256) of every file the manifest lists: graphs, external data, q*."""
-        out = []
-        for graph in self.graphs.values():
-            out.append((graph["file"], graph.get("sha256")))
-            out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", []) or []]
-        q = self.data.get("initial_queries")
-        if isinstance(q, dict) and q.get("file"):
-            out.append((q["file"], q.get("sha256")))
-        return out
-
-    def verify(self):
-        """UserError naming the first listed file that is missing or whose sha256 differs."""
-        for name, expected in self.files():
-            path = os.path.join(self.model_dir, name)
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: missing (listed in manifest.json; export again)")
-            if expected and sha256_of(path) != expected:
-                raise UserError(f"{path}: corrupt or modified (sha256 differs from manifest.json; "
-                                f"export again)")
-
-    @property
-    def initial_queries(self) -> np.ndarray:
-        """q* (N, C) float32."""
-        if self._initial_queries is None:
-            entry = self.data.get("initial_queries") or {}
-            path = os.path.join(self.model_dir, entry.get("file", "initial_queries.npy"))
-            try:
-                q = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise UserError(f"{path}: cannot read q* ({e})") from None
-            if q.shape != (self.num_queries, self.hidden_dim):
-                raise UserError(f"{path}: q* has shape {q.shape}, the manifest says "
-                                f"({self.num_queries}, {self.hidden_dim})")
-            self._initial_queries = np.ascontiguousarray(q, np.float32)
-        return self._initial_queries
-
-
-def load_manifest(model_dir, check_graphs=True) -> Manifest:
-    """MODEL_DIR/manifest.json (also copied into an ENGINE_DIR); with `check_graphs`, every listed
-    file is checked against its sha256. Bad folders/files are one-line UserErrors."""
-    if not os.path.isdir(model_dir):
-        raise UserError(f"model folder not found: {model_dir}")
-    path = os.path.join(model_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir}: no manifest.json (not a complete `evis export` folder)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path}: not an {MANIFEST_FORMAT} manifest")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > MANIFEST_VERSION:
-        raise UserError(f"{path}: manifest format version {version!r} is newer than this runtime "
-                        f"reads ({MANIFEST_VERSION}); upgrade efficientvis")
-    try:
-        graphs = data["graphs"]
-        if not isinstance(graphs, dict) or not graphs or \
-                not all(isinstance(g, dict) and g.get("file") for g in graphs.values()):
-            raise ValueError("no graphs listed")
-        pre = data["preprocessing"]
-        manifest = Manifest(
-            model_dir=model_dir, data=data, clip_length=int(data["T"]), num_queries=int(data["N"]),
-            hidden_dim=int(data["C"]), num_stages=int(data["M"]), num_classes=int(data["K"]),
-            class_names=[str(c) for c in data["class_names"]],
-            category_ids=[int(c) for c in data["category_ids"]],
-            test_size=int(pre["test_size"]), max_size=int(pre.get("max_size") or 0),
-            infer=dict(data.get("infer") or {}), graphs=graphs,
-            dynamic_axes=dict(data.get("dynamic_axes") or {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: incomplete manifest ({type(e).__name__}: {e})") from None
-    if len(manifest.category_ids) != manifest.num_classes or len(manifest.class_names) != manifest.num_classes:
-        raise UserError(f"{path}: {len(manifest.class_names)} class names and {len(manifest.category_ids)} "
-                        f"category ids for K = {manifest.num_classes} classes")
-    if check_graphs:
-        manifest.verify()
-    return manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +90,7 @@ class OrtBackend:
         if fp16 and provider != "tensorrt":
             raise UserError("--fp16 needs --provider tensorrt (ONNX Runtime's CPU and CUDA providers run "
                             "the FP32 graphs as they are)")
-        self.manifest = m = manifest or load_manifest(model_dir)
+        self.manifest = m = manifest or manifest_lib.load(model_dir)
         self.model_dir, self.provider, self.device_id = model_dir, provider, int(device_id)
         self.num_queries, self.clip_length = m.num_queries, m.clip_length
         self.num_stages = m.num_stages
@@ -224,7 +101,7 @@ class OrtBackend:
             if not os.path.isdir(qdq_dir):
                 raise UserError(f"Q/DQ folder not found: {qdq_dir}")
             if os.path.isfile(os.path.join(qdq_dir, "manifest.json")):
-                graphs_of = load_manifest(qdq_dir)
+                graphs_of = manifest_lib.load(qdq_dir)
             graph_dir, int8 = qdq_dir, True
 
         def file_of(g):
@@ -349,7 +226,6 @@ class OrtBackend:
                 raise UserError(f"ONNX Runtime rejected the clip of shape {frames.shape} "
                                 f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
             raise
-        return out
 
     def _call(self, graph, feeds, outputs):
         """One session run. On a GPU provider through IO binding: inputs that are OrtValues stay

@@ -26,7 +26,7 @@ from itertools import islice
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as out_mod
 from efficientvis.runtime.clip_loop import LoopOptions, run_clips
-from efficientvis.runtime.ort_backend import load_manifest
+from efficientvis.runtime import manifest as manifest_lib
 from efficientvis.runtime.sources import open_source
 from efficientvis.runtime.trt_backend import is_engine_dir
 from efficientvis.ytvis.clips import resized_shape
@@ -171,7 +171,7 @@ def run(args) -> int:
         raise UserError(f"model folder not found: {args.model}")
     # the model first: a missing or corrupt model fails before the camera is opened
     engine = (args.backend or ("trt" if is_engine_dir(args.model) else "ort")) == "trt"
-    manifest = load_manifest(args.model, check_graphs=not engine)
+    manifest = manifest_lib.load(args.model, verify=not engine)
     _check_positive(args.clip, "--clip", manifest.clip_length)
     _check_positive(args.stages, "--stages", manifest.num_stages)
     clip_length = args.clip or manifest.clip_length

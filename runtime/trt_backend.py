@@ -206,12 +206,12 @@ class TrtBackend:
     """The clip-loop backend interface on TensorRT engines (see runtime/clip_loop.py)."""
 
     def __init__(self, engine_dir, manifest=None, verbose=False):
-        from efficientvis.runtime.ort_backend import load_manifest
+        from efficientvis.runtime import manifest as manifest_lib
 
         if not os.path.isdir(engine_dir):
             raise UserError(f"engine folder not found: {engine_dir}")
         self.engine_dir = engine_dir
-        self.manifest = manifest or load_manifest(engine_dir, check_graphs=False)
+        self.manifest = manifest or manifest_lib.load(engine_dir, verify=False)
         m = self.manifest
         self.num_queries, self.clip_length = m.num_queries, m.clip_length
         self.num_stages = m.num_stages

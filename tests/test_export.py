@@ -24,7 +24,7 @@ from efficientvis.cli import main as evis  # noqa: E402
 from efficientvis.errors import UserError  # noqa: E402
 from efficientvis.export import export as E  # noqa: E402
 from efficientvis.export import graphs as G  # noqa: E402
-from efficientvis.export import manifest as manifest_lib  # noqa: E402
+from efficientvis.runtime import manifest as manifest_lib  # noqa: E402
 from efficientvis.export import trt_check  # noqa: E402
 from efficientvis.training import checkpoint  # noqa: E402
 from efficientvis.training.config import Config, ModelConfig  # noqa: E402
@@ -311,7 +311,7 @@ def test_manifest_load_verifies_every_file(exported, tmp_path):
 
 
 def test_manifest_module_imports_neither_torch_nor_onnx():
-    code = ("import sys, efficientvis.export.manifest; "
+    code = ("import sys, efficientvis.runtime.manifest; "
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -229,7 +229,8 @@ def run(args):
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
     logger = Logger(args.out, main)
     if main:
-        checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names)
+        checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names,
+                               category_ids=[int(c) for c in dataset.category_ids])
         with open(os.path.join(args.out, "config.yaml"), "w") as f:
             import yaml
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -314,7 +315,7 @@ def run(args):
     bar.close()
     if main:
         checkpoint.save(os.path.join(args.out, "final.pt"), model=model.state_dict(), step=step,
-                        config=cfg.to_dict(), class_names=dataset.class_names)
+                        **checkpoint_meta)
         print(f"done: {os.path.join(args.out, 'final.pt')} after {step} steps, "
               f"{(time.time() - start_time) / 60:.1f} min")
     logger.close()

@@ -1,6 +1,7 @@
 """manifest.json of an exported MODEL_DIR: what the runtime and the TensorRT builder read.
 
-json + hashlib only (no torch, no onnx): the runtime imports this module.
+json + hashlib + numpy only (no torch, no onnx): it lives in the runtime, and `evis export`
+(upstream) writes it with the same module.
 
 `evis export` writes the manifest last and atomically (`write`), so a folder with a manifest is a
 complete export; `load(model_dir)` reads it back and checks the sha256 of every file it lists
@@ -31,6 +32,9 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from efficientvis.errors import UserError
 
@@ -74,86 +78,125 @@ def write(model_dir: str, data: dict) -> str:
     return path
 
 
+@dataclass
 class Manifest:
-    """A loaded manifest: `data` (the dict), `model_dir`, accessors for what readers need."""
-
-    def __init__(self, model_dir: str, data: dict):
-        self.model_dir = model_dir
-        self.data = data
+    """What the runtime needs from manifest.json (the whole dict is `data`)."""
+    model_dir: str
+    data: dict
+    clip_length: int  # T (the longest clip the graphs take)
+    num_queries: int  # N
+    hidden_dim: int  # C
+    num_stages: int  # M
+    num_classes: int  # K
+    class_names: list
+    category_ids: list
+    test_size: int
+    max_size: int
+    infer: dict = field(default_factory=dict)
+    graphs: dict = field(default_factory=dict)  # name -> {file, sha256, inputs, outputs, ...}
+    dynamic_axes: dict = field(default_factory=dict)  # axis -> {min, opt, max}
+    _initial_queries: np.ndarray = None
 
     def __getitem__(self, key):
         return self.data[key]
 
-    def get(self, key, default=None):
-        return self.data.get(key, default)
-
     @property
     def graph_names(self) -> list:
-        return list(self.data.get("graphs", {}))
+        return list(self.graphs)
 
     @property
     def stages(self) -> list:
         return list(self.data.get("stages", []))
 
-    def has(self, name: str) -> bool:
-        return name in self.data.get("graphs", {})
-
     def graph(self, name: str) -> dict:
         """The entry of graph `name` ("backbone", "stage_k", "model") with `path` added."""
-        graphs = self.data.get("graphs", {})
-        if name not in graphs:
+        if name not in self.graphs:
             raise UserError(f"{self.model_dir}: the manifest has no graph '{name}' "
-                            f"(graphs: {', '.join(graphs) or 'none'})")
-        return dict(graphs[name], path=os.path.join(self.model_dir, graphs[name]["file"]))
+                            f"(graphs: {', '.join(self.graphs) or 'none'})")
+        return dict(self.graphs[name], path=self.path(name))
 
-    def path(self, name: str) -> str:
-        return self.graph(name)["path"]
+    def path(self, graph):
+        return os.path.join(self.model_dir, self.graphs[graph]["file"])
 
-    def files(self) -> list:
-        """Every (relative file name, sha256) the manifest lists."""
+    def has(self, graph) -> bool:
+        return graph in self.graphs and os.path.isfile(self.path(graph))
+
+    def files(self):
+        """(file, sha256) of every file the manifest lists: graphs, external data, q*."""
         out = []
-        for graph in self.data.get("graphs", {}).values():
+        for graph in self.graphs.values():
             out.append((graph["file"], graph.get("sha256")))
-            out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", [])]
+            out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", []) or []]
         q = self.data.get("initial_queries")
-        if q:
+        if isinstance(q, dict) and q.get("file"):
             out.append((q["file"], q.get("sha256")))
         return out
 
-    def verify(self) -> None:
+    def verify(self):
         """UserError naming the first listed file that is missing or whose sha256 differs."""
         for name, expected in self.files():
             path = os.path.join(self.model_dir, name)
             if not os.path.isfile(path):
-                raise UserError(f"{path}: missing (listed in {FILENAME}; export again)")
+                raise UserError(f"{path}: missing (listed in manifest.json; export again)")
             if expected and sha256_of(path) != expected:
-                raise UserError(f"{path}: corrupt or modified (sha256 differs from {FILENAME}; "
+                raise UserError(f"{path}: corrupt or modified (sha256 differs from manifest.json; "
                                 f"export again)")
 
+    @property
+    def initial_queries(self) -> np.ndarray:
+        """q* (N, C) float32."""
+        if self._initial_queries is None:
+            entry = self.data.get("initial_queries") or {}
+            path = os.path.join(self.model_dir, entry.get("file", "initial_queries.npy"))
+            try:
+                q = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{path}: cannot read q* ({e})") from None
+            if q.shape != (self.num_queries, self.hidden_dim):
+                raise UserError(f"{path}: q* has shape {q.shape}, the manifest says "
+                                f"({self.num_queries}, {self.hidden_dim})")
+            self._initial_queries = np.ascontiguousarray(q, np.float32)
+        return self._initial_queries
 
-def load(model_dir: str, verify: bool = True) -> Manifest:
-    """Read MODEL_DIR/manifest.json; with `verify`, check every listed file's sha256."""
+
+def load(model_dir, verify=True) -> Manifest:
+    """MODEL_DIR/manifest.json (also copied into an ENGINE_DIR); with `verify`, every listed file
+    is checked against its sha256. Bad folders/files are one-line UserErrors."""
     if not os.path.isdir(model_dir):
         raise UserError(f"model folder not found: {model_dir}")
     path = os.path.join(model_dir, FILENAME)
     if not os.path.isfile(path):
-        raise UserError(f"{model_dir}: no {FILENAME} (not a complete `evis export` folder)")
+        raise UserError(f"{model_dir}: no manifest.json (not a complete `evis export` folder)")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
+        raise UserError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"{path}: not an {FORMAT} manifest")
     version = data.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"{path}: manifest format version {version!r} is newer than this "
-                        f"efficientvis reads ({FORMAT_VERSION}); upgrade efficientvis")
-    graphs = data.get("graphs")
-    if not isinstance(graphs, dict) or not graphs or \
-            not all(isinstance(g, dict) and g.get("file") for g in graphs.values()):
-        raise UserError(f"{path}: no graphs listed")
-    manifest = Manifest(model_dir, data)
+        raise UserError(f"{path}: manifest format version {version!r} is newer than this runtime "
+                        f"reads ({FORMAT_VERSION}); upgrade efficientvis")
+    try:
+        graphs = data["graphs"]
+        if not isinstance(graphs, dict) or not graphs or \
+                not all(isinstance(g, dict) and g.get("file") for g in graphs.values()):
+            raise ValueError("no graphs listed")
+        pre = data["preprocessing"]
+        manifest = Manifest(
+            model_dir=model_dir, data=data, clip_length=int(data["T"]), num_queries=int(data["N"]),
+            hidden_dim=int(data["C"]), num_stages=int(data["M"]), num_classes=int(data["K"]),
+            class_names=[str(c) for c in data["class_names"]],
+            category_ids=[int(c) for c in data["category_ids"]],
+            test_size=int(pre["test_size"]), max_size=int(pre.get("max_size") or 0),
+            infer=dict(data.get("infer") or {}), graphs=graphs,
+            dynamic_axes=dict(data.get("dynamic_axes") or {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: incomplete manifest ({type(e).__name__}: {e})") from None
+    if len(manifest.category_ids) != manifest.num_classes or len(manifest.class_names) != manifest.num_classes:
+        raise UserError(f"{path}: {len(manifest.class_names)} class names and {len(manifest.category_ids)} "
+                        f"category ids for K = {manifest.num_classes} classes")
     if verify:
         manifest.verify()
     return manifest

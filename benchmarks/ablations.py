@@ -1,0 +1,69 @@
+"""The paper's Table 1 directions on the synthetic data, each with the `make train-tiny` budget.
+
+    python benchmarks/ablations.py --data data/synth --out work_dirs/ablations [--variants ...]
+
+Variants (each a full `evis train --config tiny` run with one change):
+  baseline      factorised attention, temporal dynamic conv, correspondence learning
+  no_cl         data.correspondence=off                     (Table 1e)
+  spatial       model.attention=spatial                     (Table 1a)
+and for the baseline checkpoint two inference schemes: end-to-end query feedback vs hand-crafted
+linking (Table 1d). Writes OUT/ablations.json and prints a markdown table for docs/ablations.md.
+A finished variant (its final.pt exists) is not trained again.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+VARIANTS = {
+    "baseline": [],
+    "no_cl": ["data.correspondence=off"],
+    "spatial": ["model.attention=spatial"],
+}
+
+
+def evis(*args):
+    cmd = [sys.executable, "-m", "efficientvis", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def evaluate(ckpt, data, out_json, *settings):
+    results = out_json.replace(".json", "_results.json")
+    sets = [x for s in settings for x in ("--set", s)]
+    evis("infer", "--checkpoint", ckpt, "--data", os.path.join(data, "valid", "JPEGImages"),
+         "--ann", os.path.join(data, "valid", "annotations.json"), "--out", results, *sets)
+    evis("eval", "--gt", os.path.join(data, "valid", "annotations.json"), "--results", results,
+         "--json", out_json)
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="data/synth")
+    p.add_argument("--out", default="work_dirs/ablations")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = p.parse_args()
+    rows = {}
+    for name in args.variants:
+        work = os.path.join(args.out, name)
+        ckpt = os.path.join(work, "final.pt")
+        if not os.path.exists(ckpt):
+            sets = [x for s in VARIANTS[name] + ["train.eval_every=0"] for x in ("--set", s)]
+            evis("train", "--config", "tiny", "--data", args.data, "--out", work, *sets)
+        rows[name] = evaluate(ckpt, args.data, os.path.join(work, "metrics_e2e.json"))
+        if name == "baseline":
+            rows["handcrafted"] = evaluate(ckpt, args.data, os.path.join(work, "metrics_handcrafted.json"),
+                                           "infer.linking=handcrafted")
+    with open(os.path.join(args.out, "ablations.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print("| variant | AP | AP50 | AP75 | AR1 | AR10 |\n|---|---|---|---|---|---|")
+    for name, m in rows.items():
+        print(f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" for k in ("AP", "AP50", "AP75", "AR1", "AR10")) + " |")
+
+
+if __name__ == "__main__":
+    main()
