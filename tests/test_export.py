@@ -93,6 +93,10 @@ def exported_gs(checkpoint_path, model, tmp_path_factory):
     proto = E.export_graph(model, "stage_0", "gridsample", 17, axes, cfg.clip_length, spec, torch)
     entry = E.save_graph(proto, out, "stage_0.onnx")
     data = {"format": manifest_lib.FORMAT, "format_version": 1, "roi_align": "gridsample",
+            "T": cfg.clip_length, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
+            "class_names": [f"c{k}" for k in range(cfg.num_classes)],
+            "category_ids": list(range(1, cfg.num_classes + 1)),
+            "preprocessing": {"test_size": 96, "max_size": 192},
             "graphs": {"stage_0": {**entry, "inputs": spec[0], "outputs": spec[1]}}}
     manifest_lib.write(out, data)
     return out, data
