@@ -219,8 +219,11 @@ def run(args):
             return x / world
     step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce))
     if world > 1:
+        # find_unused_parameters: an FPN level's output conv gets no gradient in a step where no
+        # RoI is assigned to that level (training pools each RoI on its own level only)
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[local_rank] if device.type == "cuda" else None)
+            step_module, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=True)
 
     per_rank = math.ceil(len(dataset) / world)
     batches_per_epoch = max(1, per_rank // cfg.train.batch_size)
