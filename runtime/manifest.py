@@ -31,12 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from efficientvis.errors import UserError
+from efficientvis.ytvis.results import write_json_atomic
 
 FORMAT = "efficientvis-onnx"
 FORMAT_VERSION = 1
@@ -60,21 +60,7 @@ def file_entry(model_dir: str, name: str) -> dict:
 def write(model_dir: str, data: dict) -> str:
     """Write MODEL_DIR/manifest.json atomically (temporary file in the same folder, fsync, rename)."""
     path = os.path.join(model_dir, FILENAME)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=model_dir)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the manifest is as readable as the graphs
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, data, indent=2)
     return path
 
 

@@ -107,14 +107,14 @@ def video_results(video_id, masks, class_probs, category_ids, top_k: int = 10) -
     return out
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj, indent=None) -> None:
     """Write JSON to `path` through a temporary file in the same folder + os.replace."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+            json.dump(obj, f, indent=indent)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
