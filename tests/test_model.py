@@ -142,3 +142,23 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot be loaded"):
         checkpoint.load(str(tmp_path / "bad.pt"))
+
+
+def test_initial_box_layouts():
+    from efficientvis.training.model import initial_box_layout
+
+    whole = initial_box_layout(4, "image")
+    assert torch.equal(whole, torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 4))
+    for n in (1, 6, 10):
+        grid = initial_box_layout(n, "grid")  # (n, 4) cx, cy, w, h
+        assert grid.shape == (n, 4) and len({tuple(b[:2].tolist()) for b in grid}) == n  # distinct cells
+        assert (grid[:, :2] > 0).all() and (grid[:, :2] < 1).all() and (grid[:, 2:] <= 1).all()
+    # the 6-query grid: 2 rows x 3 columns, every point of the image inside some box
+    grid = initial_box_layout(6, "grid")
+    xs, ys = torch.meshgrid(torch.linspace(0, 1, 21), torch.linspace(0, 1, 21), indexing="xy")
+    pts = torch.stack([xs.flatten(), ys.flatten()], 1)
+    lo, hi = grid[:, :2] - grid[:, 2:] / 2, grid[:, :2] + grid[:, 2:] / 2
+    inside = ((pts[:, None] >= lo[None] - 1e-6) & (pts[:, None] <= hi[None] + 1e-6)).all(-1).any(1)
+    assert inside.all()
+    with pytest.raises(ValueError, match="init_boxes"):
+        initial_box_layout(3, "random")

@@ -101,6 +101,42 @@ def test_criterion_supervises_every_iteration():
     assert len(final) == 1 and len(final[0][0]) == 2
 
 
+def test_denoising_tracklets_follow_the_ground_truth():
+    from efficientvis.training.denoising import noised_tracklet_boxes
+
+    target = _target(T=4)
+    target["present"][1, 3] = False  # track 1: absent in frames 0 and 3
+    target["box_noise"] = torch.zeros(2, 4, 4)
+    exact, tracks = noised_tracklet_boxes(target, 0.4)
+    assert tracks.tolist() == [0, 1]
+    assert torch.equal(exact[0], target["boxes"][0])  # zero noise: the boxes themselves
+    assert torch.equal(exact[1, 0], target["boxes"][1, 1]) and torch.equal(exact[1, 3], target["boxes"][1, 2])
+    target["box_noise"] = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noised, _ = noised_tracklet_boxes(target, 0.4)
+    H, W = target["image_size"]
+    assert (noised >= 0).all() and (noised[..., 0::2] <= W).all() and (noised[..., 1::2] <= H).all()
+    size = exact[..., 2:] - exact[..., :2]
+    centre_shift = ((noised[..., :2] + noised[..., 2:]) - (exact[..., :2] + exact[..., 2:])).abs() / 2
+    assert (centre_shift <= 0.2 * size + 1e-4).all() and not torch.equal(noised, exact)
+    # no visible track, nothing to denoise
+    target["present"][:] = False
+    assert noised_tracklet_boxes(target, 0.4)[0].shape == (0, 4, 4)
+
+
+def test_denoising_loss_is_small_for_perfect_tracklets_and_needs_no_matching():
+    target = _target()
+    crit = TrackletCriterion(LossConfig())
+    perfect = {k: v[None] for k, v in _perfect_outputs(target, slots=[0, 1], N=2).items()}
+    swapped = {k: v[None] for k, v in _perfect_outputs(target, slots=[1, 0], N=2).items()}
+    tracks = [torch.tensor([0, 1])]
+    good, logs = crit.denoising([[perfect, perfect]], [target], tracks, 2)
+    bad, _ = crit.denoising([[swapped, swapped]], [target], tracks, 2)
+    assert {"dn_class_0", "dn_giou_1"} <= set(logs)
+    assert float(good) < 0.05 * float(bad)  # tracklet j is ground truth j: a swap is not matched away
+    empty, _ = crit.denoising([None], [target], [torch.zeros(0, dtype=torch.int64)], 2)
+    assert float(empty) == 0.0
+
+
 def test_lr_schedule_and_correspondence_rule():
     assert lr_factor(0, 100, [500]) == pytest.approx(0.001)
     assert lr_factor(100, 100, [500]) == 1.0

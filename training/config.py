@@ -24,6 +24,7 @@ class ModelConfig:
     hidden_dim: int = 256             # C: FPN channels = query embedding size
     num_queries: int = 10             # N tracklet queries
     num_iterations: int = 6           # M query-video iterations
+    init_boxes: str = "image"         # initial proposals: image (whole image, paper) | grid (N cells)
     clip_length: int = 36             # T frames per clip
     num_classes: int = 40
     num_heads: int = 8
@@ -31,6 +32,8 @@ class ModelConfig:
     dynamic_dim: int = 64             # D of the dynamic filters (C x D, D x C)
     pooler_size: int = 7              # RoI size of the query path
     mask_pooler_size: int = 14        # RoI size of the mask path (masks are 2x this)
+    mask_convs: int = 4               # 3x3 convs of the mask head (QueryInst: 4)
+    mask_conv_dim: int = 0            # their channels (0: hidden_dim)
     sampling_ratio: int = 2
     attention: str = "factorised"     # factorised | spatial | temporal | joint  (Table 1a)
     dynamic_conv: str = "temporal"    # temporal | still                      (Table 1b)
@@ -69,6 +72,8 @@ class LossConfig:
     match_l1: float = 5.0
     match_giou: float = 2.0
     match_mask: float = 2.0
+    denoising_weight: float = 0.0     # > 0: denoising tracklets (training/denoising.py; not in the paper)
+    denoising_noise: float = 0.4      # their box noise: centre +- noise * size / 2, size x (1 +- noise)
 
 
 @dataclass

@@ -7,6 +7,7 @@ Clip dict (one training sample; torch tensors unless noted), after all transform
     present        bool    (K, T)        mask non-empty in that frame (after transforms)
     boxes          float32 (K, T, 4)     absolute xyxy pixels in the transformed frame, 0 where absent
     labels         int64   (K,)          contiguous class index 0..C-1 (see `class_names`)
+    box_noise      float32 (K, T, 4)     uniform in [-1, 1]: the noise of the denoising tracklets
     track_ids      int64   (K,)          annotation id of the track
     frame_valid    bool    (T,)          False for padding frames (a repeat of the last real frame)
     frame_indices  int64   (T,)          frame index in the video of each clip position
@@ -142,6 +143,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         masks, present, boxes = masks[keep], present[keep], boxes[keep]
         labels = torch.tensor([self.label_of[tr.category_id] for tr in tracks], dtype=torch.int64)
         track_ids = torch.tensor([tr.id for tr in tracks], dtype=torch.int64)
+        # drawn last, so the clips and transforms above do not depend on it (training/denoising.py)
+        box_noise = rng.uniform(-1.0, 1.0, (len(tracks), len(indices), 4)).astype(np.float32)
 
         items = []
         for i, clip in enumerate(clips):
@@ -152,6 +155,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 "present": torch.from_numpy(np.ascontiguousarray(present[:, s])),
                 "boxes": torch.from_numpy(np.ascontiguousarray(boxes[:, s])),
                 "labels": labels.clone(),
+                "box_noise": torch.from_numpy(np.ascontiguousarray(box_noise[:, s])),
                 "track_ids": track_ids.clone(),
                 "frame_valid": torch.from_numpy(clip.valid.copy()),
                 "frame_indices": torch.from_numpy(clip.indices.copy()),

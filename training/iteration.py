@@ -52,7 +52,7 @@ class QueryVideoIteration(nn.Module):
         self.reg_module = _mlp_stack(dim, 3)
         self.class_logits = nn.Linear(dim, cfg.num_classes)
         self.bbox_deltas = nn.Linear(dim, 4)
-        self.mask_head = DynamicMaskHead(dim, cfg.dynamic_dim)
+        self.mask_head = DynamicMaskHead(dim, cfg.dynamic_dim, cfg.mask_convs, cfg.mask_conv_dim or dim)
         self._reset_parameters(cfg.prior_prob)
 
     def _reset_parameters(self, prior_prob):

@@ -70,7 +70,7 @@ def combine(terms, counts, cfg):
     visible = counts["visible"].clamp(min=1.0)
     entries = counts["entries"].clamp(min=1.0)
     parts = {name: value / (entries if name == "mask_bce" else visible) for name, value in terms.items()}
-    total = sum(getattr(cfg, WEIGHTS[name]) * value for name, value in parts.items())
+    total = sum((getattr(cfg, WEIGHTS[name]) * value for name, value in parts.items()), visible.new_zeros(()))
     return total, parts
 
 
@@ -90,25 +90,45 @@ class TrackletCriterion:
         self.cfg = cfg
         self.reduce = reduce or (lambda x: x)
 
+    def _stage_loss(self, items):
+        """items: (outputs, target, assignment) of every clip at one iteration -> total, parts."""
+        terms, counts = {}, {"visible": 0.0, "entries": 0.0}
+        for out, target, assignment in items:
+            t, c = clip_loss_terms(out, target, assignment, self.cfg)
+            for k, v in t.items():
+                terms[k] = terms.get(k, 0.0) + v
+            for k, v in c.items():
+                counts[k] = counts[k] + v
+        # every process reduces, even one without items (DDP collectives must match)
+        counts = {k: self.reduce(torch.as_tensor(v, dtype=torch.float32).detach()) for k, v in counts.items()}
+        return combine(terms, counts, self.cfg)
+
     def __call__(self, outputs, targets, assignments=None):
         total, logs, final = 0.0, {}, None
         for m, stage in enumerate(outputs["stages"]):
-            terms, counts, stage_assignments = {}, {}, []
+            items = []
             for b, target in enumerate(targets):
                 out = _clip_outputs(stage, b)
                 a = (match_clip(out, target, self.cfg) if assignments is None
                      else extend_assignment(out, target, self.cfg, assignments[b]))
-                stage_assignments.append(a)
-                t, c = clip_loss_terms(out, target, a, self.cfg)
-                for k, v in t.items():
-                    terms[k] = terms.get(k, 0.0) + v
-                for k, v in c.items():
-                    counts[k] = counts.get(k, 0.0) + v
-            counts = {k: self.reduce(torch.as_tensor(v, dtype=torch.float32).detach()) for k, v in counts.items()}
-            stage_total, parts = combine(terms, counts, self.cfg)
+                items.append((out, target, a))
+            stage_total, parts = self._stage_loss(items)
             total = total + stage_total
             for k, v in parts.items():
                 logs[f"{k}_{m}"] = float(v.detach())
-            final = stage_assignments
+            final = [a for _, _, a in items]
         logs["loss"] = float(total.detach())
         return total, logs, final
+
+    def denoising(self, denoise_outputs, targets, tracks, num_stages):
+        """Loss of the denoising tracklets (training/denoising.py): in clip b, tracklet j is ground
+        truth tracks[b][j], no matching. denoise_outputs[b]: that clip's list of stages, or None."""
+        total, logs = 0.0, {}
+        for m in range(num_stages):
+            items = [(_clip_outputs(stages[m], 0), target, (torch.arange(len(idx), device=idx.device), idx))
+                     for stages, target, idx in zip(denoise_outputs, targets, tracks) if stages]
+            stage_total, parts = self._stage_loss(items)
+            total = total + stage_total
+            for k, v in parts.items():
+                logs[f"dn_{k}_{m}"] = float(torch.as_tensor(v).detach())
+        return total, logs

@@ -5,12 +5,32 @@ One forward call processes one clip of T frames. The clip recurrence is explicit
 output `next_queries` start the next clip. Initial proposals are the learned boxes for every clip.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from efficientvis.training.backbone import build_backbone
 from efficientvis.training.box_ops import cxcywh_to_xyxy
 from efficientvis.training.iteration import QueryVideoIteration
+
+
+def initial_box_layout(n, layout="image"):
+    """(n, 4) normalised cx, cy, w, h the learned initial proposals start from.
+
+    image: every box is the whole image (Sparse R-CNN, the paper). grid: the image cut into about
+    n cells (rows x cols, 1.5x enlarged so neighbours overlap): each query starts on its own region,
+    which breaks the symmetry between queries early and speeds up short trainings.
+    """
+    if layout == "image":
+        return torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(n, 1)
+    if layout != "grid":
+        raise ValueError(f"init_boxes must be image or grid, got {layout!r}")
+    rows = max(1, int(math.floor(math.sqrt(n))))
+    cols = math.ceil(n / rows)
+    boxes = [[(c + 0.5) / cols, (r + 0.5) / rows, min(1.0, 1.5 / cols), min(1.0, 1.5 / rows)]
+             for r in range(rows) for c in range(cols)]
+    return torch.tensor(boxes[:n])
 
 
 class EfficientVIS(nn.Module):
@@ -22,10 +42,10 @@ class EfficientVIS(nn.Module):
                                        norm=cfg.norm)
         # q*: one learned embedding per tracklet query, repeated T times (paper footnote 1)
         self.init_queries = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
-        # learned initial proposals, normalised cx, cy, w, h; start as the whole image
+        # learned initial proposals, normalised cx, cy, w, h
         self.init_boxes = nn.Embedding(cfg.num_queries, 4)
-        nn.init.constant_(self.init_boxes.weight[:, :2], 0.5)
-        nn.init.constant_(self.init_boxes.weight[:, 2:], 1.0)
+        with torch.no_grad():
+            self.init_boxes.weight.copy_(initial_box_layout(cfg.num_queries, cfg.init_boxes))
         self.iterations = nn.ModuleList(QueryVideoIteration(cfg) for _ in range(cfg.num_iterations))
 
     def features(self, frames):
@@ -46,12 +66,14 @@ class EfficientVIS(nn.Module):
             init_queries = self.init_queries.weight[None].expand(B, -1, -1)
         return init_queries[:, :, None, :].expand(-1, -1, T, -1)
 
-    def forward(self, frames, image_sizes=None, init_queries=None, num_iterations=None):
+    def forward(self, frames, image_sizes=None, init_queries=None, num_iterations=None, denoise_boxes=None):
         """frames (B, T, 3, H, W); image_sizes (B, 2) un-padded (h, w), default the frame size.
 
         Returns {"stages": [per-iteration outputs], "next_queries": (B, N, C)} where each stage has
         class_logits (B, N, T, K), boxes (B, N, T, 4) xyxy pixels, mask_logits (B, N, T, 28, 28),
         queries (B, N, T, C). Fewer iterations than M give anytime inference.
+        `denoise_boxes` (training): per clip, (G_b, T, 4) noised ground-truth tracklet boxes; their
+        iterations' outputs come back under "denoise" (one list of stages per clip, or None).
         """
         B, T, _, H, W = frames.shape
         if image_sizes is None:
@@ -59,6 +81,22 @@ class EfficientVIS(nn.Module):
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
         boxes = self.initial_proposals(image_sizes.float(), T)
+        stages = self.iterate(features, queries, boxes, num_iterations)
+        out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
+        if denoise_boxes is not None:  # training only (training/denoising.py)
+            start = self.init_queries.weight.mean(0)  # (C,)
+            out["denoise"] = []
+            for b, noised in enumerate(denoise_boxes):  # (G_b, T, 4) per clip
+                if len(noised) == 0:
+                    out["denoise"].append(None)
+                    continue
+                clip_features = [f[b * T:(b + 1) * T] for f in features]
+                q = start.expand(1, len(noised), T, -1)
+                out["denoise"].append(self.iterate(clip_features, q, noised[None], num_iterations))
+        return out
+
+    def iterate(self, features, queries, boxes, num_iterations=None):
+        """The M query-video iterations; returns the list of per-iteration outputs."""
         stages = []
         for iteration in self.iterations[: num_iterations or len(self.iterations)]:
             out = iteration(features, queries, boxes)
@@ -66,7 +104,7 @@ class EfficientVIS(nn.Module):
             # learned initial boxes get their gradient from the first iteration's box loss
             queries, boxes = out["queries"], out["boxes"].detach()
             stages.append(out)
-        return {"stages": stages, "next_queries": queries.mean(2)}
+        return stages
 
 
 def build_model(cfg):

@@ -21,11 +21,12 @@ from tqdm import tqdm
 from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import load_config
+from efficientvis.training.denoising import noised_tracklet_boxes
 from efficientvis.training.losses import TrackletCriterion
 from efficientvis.training.dataset import collate
 from efficientvis.training.model import build_model
 
-LOSS_PARTS = ("class", "l1", "giou", "dice", "mask_bce")
+LOSS_PARTS = ("class", "l1", "giou", "dice", "mask_bce", "dn_class", "dn_giou")
 
 
 def add_arguments(p):
@@ -50,9 +51,18 @@ class TrainStep(nn.Module):
     def forward(self, batch):
         clips = batch if isinstance(batch, list) else [batch]
         total, logs, assignments, queries = 0.0, {}, None, None
+        cfg = self.criterion.cfg
         for k, clip in enumerate(clips):
-            out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries)
+            noised = tracks = None
+            if cfg.denoising_weight > 0:
+                noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise) for t in clip["targets"]))
+            out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries, denoise_boxes=noised)
             loss, clip_logs, final = self.criterion(out, clip["targets"], assignments)
+            if noised is not None:
+                dn_loss, dn_logs = self.criterion.denoising(out["denoise"], clip["targets"], tracks,
+                                                            len(out["stages"]))
+                loss = loss + cfg.denoising_weight * dn_loss
+                clip_logs.update(dn_logs, loss=float(loss.detach()))
             total = total + loss
             for name, value in clip_logs.items():
                 logs[name] = logs.get(name, 0.0) + value
