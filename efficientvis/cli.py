@@ -23,8 +23,8 @@ COMMANDS = {
     "calibrate": ("efficientvis.calibration.calibrate", "INT8 calibration: Q/DQ models and caches"),
     "build": ("efficientvis.export.engine", "build TensorRT engines from an exported model"),
     "run": ("efficientvis.runtime.run", "run an exported model on a video, folder, camera or stream"),
-    "parity": ("efficientvis.runtime.parity", "compare PyTorch with every available backend"),
-    "bench": ("efficientvis.runtime.bench", "latency/FPS benchmark of every available backend"),
+    "parity": ("efficientvis.export.parity", "compare PyTorch with every available backend"),
+    "bench": ("efficientvis.export.bench", "latency/FPS benchmark of every available backend"),
 }
 
 
