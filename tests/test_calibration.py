@@ -43,6 +43,7 @@ def exported(tmp_path_factory):
     cfg = load_config("tiny")
     cfg.model.backbone_width, cfg.model.hidden_dim, cfg.model.num_queries = 8, 32, 4
     cfg.model.num_iterations, cfg.model.clip_length, cfg.model.ffn_dim, cfg.model.dynamic_dim = 2, 4, 64, 8
+    cfg.model.mask_convs, cfg.model.mask_conv_dim = 4, 0  # the QueryInst mask head, not the tiny recipe's
     cfg.data.test_size, cfg.data.max_size = 64, 112
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
