@@ -59,7 +59,7 @@ def _same_dir(a, b):
 def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, clips=data_lib.DEFAULT_CLIPS,
               clips_per_video=data_lib.DEFAULT_CLIPS_PER_VIDEO, quantize_all=False, exclude=(),
               threads=0, cache_trt_version=None, cache_algorithm=cache_lib.DEFAULT_ALGORITHM,
-              evaluate_split=None, eval_videos=0, log=print) -> dict:
+              evaluate_split=None, eval_videos=0, log=print, clip_length=0) -> dict:
     """Write QDQ_DIR; returns its manifest dict."""
     if method not in Q.METHODS:
         raise UserError(f"--method must be one of {', '.join(Q.METHODS)}, got {method!r}")
@@ -85,14 +85,14 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
     try:
         return _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips, clips_per_video,
                           quantize_all, exclude, threads, version, cache_algorithm, cache_header,
-                          evaluate_split, eval_videos, log)
+                          evaluate_split, eval_videos, log, clip_length)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips, clips_per_video,
                quantize_all, exclude, threads, version, cache_algorithm, cache_header, evaluate_split,
-               eval_videos, log):
+               eval_videos, log, clip_length=0):
     import onnx
 
     from efficientvis.export import trt_check
@@ -115,6 +115,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         log("note: onnxruntime's quantize_static runs its entropy calibrator with 128 histogram bins "
             "and 128 quantized bins, so its ranges equal MinMax's (docs/benchmarks.md)")
     recording = data_lib.record(model_dir, source, clips=clips, clips_per_video=clips_per_video,
+                                clip_length=clip_length,
                                 threads=threads, log=log, manifest=manifest)
     entries, details, caches = {}, {}, {}
     try:
@@ -219,6 +220,9 @@ def add_arguments(p):
                    help=f"calibration clips (default {data_lib.DEFAULT_CLIPS})")
     p.add_argument("--clips-per-video", type=int, default=data_lib.DEFAULT_CLIPS_PER_VIDEO,
                    help=f"consecutive clips per video, from its first frame (default {data_lib.DEFAULT_CLIPS_PER_VIDEO})")
+    p.add_argument("--clip-length", type=int, default=0, metavar="T",
+                   help="frames per calibration clip (default: the model's T; e.g. 9 for a T = 36 "
+                        "model at 360x640, whose calibration otherwise needs > 24 GB)")
     p.add_argument("--quantize-all", action="store_true",
                    help="quantize every op ONNX Runtime can, no exclusions (for comparison)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="OP|NODE",
@@ -240,5 +244,6 @@ def run(args) -> int:
               clips_per_video=args.clips_per_video, quantize_all=args.quantize_all, exclude=args.exclude,
               threads=args.threads, cache_trt_version=args.cache_trt_version,
               cache_algorithm=args.cache_algorithm, evaluate_split=args.evaluate,
-              eval_videos=args.eval_videos, log=lambda m: print(m, flush=True))
+              eval_videos=args.eval_videos, log=lambda m: print(m, flush=True),
+              clip_length=args.clip_length)
     return 0

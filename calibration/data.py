@@ -201,9 +201,10 @@ def _frames_of(source: Source, video):
 
 
 def record(model_dir, data, clips=DEFAULT_CLIPS, clips_per_video=DEFAULT_CLIPS_PER_VIDEO,
-           threads=0, folder=None, log=print, manifest=None) -> Recording:
+           threads=0, folder=None, log=print, manifest=None, clip_length=0) -> Recording:
     """Run MODEL_DIR's FP32 graphs (ONNX Runtime, CPU) on calibration clips and record every
-    graph's inputs. `data`: path or Source. Returns the Recording (call cleanup() when done)."""
+    graph's inputs. `data`: path or Source. `clip_length`: frames per clip (0: the model's T; a
+    shorter clip bounds the memory of large models). Returns the Recording (call cleanup() when done)."""
     from itertools import islice
 
     from efficientvis.runtime.clip_loop import LoopOptions, run_clips
@@ -219,7 +220,9 @@ def record(model_dir, data, clips=DEFAULT_CLIPS, clips_per_video=DEFAULT_CLIPS_P
     recording = Recording(folder, _owned=owned)
     for g in list(backend.sessions):
         backend.sessions[g] = _RecordingSession(backend.sessions[g], g, recording)
-    T = m.clip_length
+    if not 0 <= clip_length <= m.clip_length:
+        raise UserError(f"--clip-length must be between 1 and the model's T = {m.clip_length}, got {clip_length}")
+    T = clip_length or m.clip_length
     options = LoopOptions(clip_length=T, size=m.test_size, max_size=m.max_size,
                           background_threshold=float(m.infer.get("background_threshold", 0.2)),
                           reset_after=int(m.infer.get("reset_after", 3)))

@@ -256,6 +256,9 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), quantiz
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    # No CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMaxCalibrater discards the collected
+    # outputs without merging their ranges when it is set ("No data is collected"). Calibration
+    # memory is bounded with shorter clips instead (evis calibrate --clip-length).
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
     tmp = dst + ".tmp"

@@ -248,6 +248,11 @@ def test_record_from_a_video_file(exported, tmp_path):
     finally:
         rec.cleanup()
     assert not os.path.exists(rec.folder)
+    short = data_lib.record(exported["model_dir"], path, clips=5, threads=1, log=lambda m: None, clip_length=3)
+    try:  # --clip-length: shorter calibration clips (memory of large models)
+        assert short.clips == 3 and short.frames == 9 and short.shapes == {(3, 64, 107)}
+    finally:
+        short.cleanup()
 
 
 def _evis(*args):
@@ -264,6 +269,8 @@ def test_bad_input_is_one_line(exported, tmp_path):
          "--exclude NoSuchOp"),
         ([exported["model_dir"], "--out", exported["model_dir"], "--data", exported["data"]], "another folder"),
         ([exported["model_dir"], "--out", str(tmp_path / "q"), "--data", exported["data"], "--clips", "0"], "--clips"),
+        ([exported["model_dir"], "--out", str(tmp_path / "q"), "--data", exported["data"], "--clip-length", "5"],
+         "--clip-length must be between 1 and the model's T = 4"),
     ]
     for args, message in cases:
         r = _evis(*args)
