@@ -3,6 +3,10 @@ tensor and end to end, with tolerances per precision; exit code 1 when one is br
 
     evis parity --checkpoint CKPT --model MODEL_DIR --data DIR [--qdq QDQ_DIR] [--engines ENGINE_DIR]
                 [--videos N] [--clips N] [--json out.json] [--tol-KEY VALUE] [--tol PREC.KEY=VALUE]
+    evis parity --results GOT.json --reference REF.json --ann ANN [--precision fp32|fp16|int8]
+
+The second form compares two finished results files end to end (step 2 below; a track of a results
+file = its entries with identical masks), e.g. `evis run --dataset` against `evis infer`.
 
 Backends (each one only where it exists here; the others are listed as skipped with the reason):
 ONNX Runtime FP32 on the CPU (always), on CUDA (CUDAExecutionProvider present), ONNX Runtime INT8
@@ -310,13 +314,12 @@ def compare_tracks(ref, got) -> dict:
 # the command
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="checkpoint (.pt): the PyTorch reference")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="its export (`evis export`)")
+    p.add_argument("--checkpoint", help="checkpoint (.pt): the PyTorch reference")
+    p.add_argument("--model", metavar="MODEL_DIR", help="its export (`evis export`)")
     p.add_argument("--qdq", metavar="QDQ_DIR", help="INT8 Q/DQ graphs (`evis calibrate`)")
     p.add_argument("--engines", metavar="ENGINE_DIR", action="append", default=[],
                    help="TensorRT engines (`evis build`); repeatable (e.g. FP16 and INT8)")
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="YouTube-VIS folder: JPEGImages/ + annotations.json")
+    p.add_argument("--data", metavar="DIR", help="YouTube-VIS folder: JPEGImages/ + annotations.json")
     p.add_argument("--ann", help="annotation file (default DIR/annotations.json)")
     p.add_argument("--videos", type=int, default=0, metavar="N", help="first N videos (default all)")
     p.add_argument("--clips", type=int, default=2, metavar="N",
@@ -332,6 +335,12 @@ def add_arguments(p):
                             f"int8 {TOLERANCES['int8'][key]}; 'none' disables)")
     p.add_argument("--tol", action="append", default=[], metavar="PREC.KEY=V",
                    help="one precision's tolerance, e.g. --tol int8.ap=0.02")
+    files = p.add_argument_group("results files (instead of --checkpoint/--model: compare two finished runs "
+                                 "end to end, e.g. `evis infer` against `evis run --dataset`)")
+    files.add_argument("--results", metavar="GOT.json", help="results file to check")
+    files.add_argument("--reference", metavar="REF.json", help="results file it must match")
+    files.add_argument("--precision", choices=sorted(TOLERANCES), default="fp32",
+                       help="whose tolerances apply (default fp32)")
 
 
 def _tol_value(text, where):
@@ -403,7 +412,7 @@ def _first_clips(gt, image_root, options, count):
     """(T, 3, h, w) uint8 model inputs of the first `count` clips of the data (video order)."""
     from efficientvis.runtime.clip_loop import clip_frames
     from efficientvis.runtime.preprocess import preprocess_frames
-    from efficientvis.training.infer import video_frames
+    from efficientvis.runtime.dataset import video_frames
 
     clips = []
     for video in gt.videos.values():
@@ -453,9 +462,7 @@ def per_clip_parity(backend, reference, frames):
 
 def run_videos(backend, gt, image_root, options, frames_cache):
     """Whole videos through the clip loop -> {video id: TrackCollector}."""
-    from efficientvis.runtime.clip_loop import run_clips
-    from efficientvis.runtime.collect import TrackCollector
-    from efficientvis.training.infer import video_frames
+    from efficientvis.runtime.dataset import run_video, video_frames
 
     num_classes = len(gt.category_ids)
     out = {}
@@ -463,10 +470,7 @@ def run_videos(backend, gt, image_root, options, frames_cache):
         if vid not in frames_cache:
             frames_cache.clear()  # one video's frames in memory at a time
             frames_cache[vid] = list(video_frames(video, image_root))
-        collector = TrackCollector(video.length, num_classes)
-        for result in run_clips(backend, iter(frames_cache[vid]), options):
-            collector.add(result)
-        out[vid] = collector
+        out[vid] = run_video(backend, iter(frames_cache[vid]), video.length, options, num_classes)
     return out
 
 
@@ -477,18 +481,37 @@ def video_results(collectors, gt, top_k):
     return results
 
 
-def end_to_end(ref_cols, got_cols, gt, top_k, ref_metrics):
+def results_track_summaries(gt, results, path):
+    """A YouTube-VIS results list -> {video id: {track: (category id, {frame: RLE bytes})}}.
+
+    The top-k entries of one track share its masks, so entries with identical masks are one track,
+    labelled with the category of its highest-scoring entry (the argmax of its averaged class
+    probabilities, as `track_summary` labels a collector's track)."""
+    from efficientvis.ytvis.metric import validate_results
+
+    groups = {}
+    for det in validate_results(gt, results, path):
+        key = tuple(None if r is None else bytes(r["counts"]) for r in det.rles)
+        best = groups.setdefault(det.video_id, {}).get(key)
+        if best is None or det.score > best.score:
+            groups[det.video_id][key] = det
+    return {vid: {k: (d.category_id, {t: r for t, r in enumerate(d.rles) if r is not None})
+                  for k, d in enumerate(tracks.values())} for vid, tracks in groups.items()}
+
+
+def end_to_end(ref_tracks, got_tracks, gt, got_results, ref_metrics):
+    """ref_tracks, got_tracks: {video id: track summary}; got_results: the backend's results list."""
     from efficientvis.ytvis.metric import evaluate
 
     per_video, ious, agree = [], [], []
     for vid in gt.videos:
-        c = compare_tracks(track_summary(ref_cols[vid]), track_summary(got_cols[vid]))
+        c = compare_tracks(ref_tracks.get(vid, {}), got_tracks.get(vid, {}))
         per_video.append({"video_id": vid, "tracks_reference": c["tracks_reference"], "tracks": c["tracks"],
                           "mask_iou_mean": float(np.mean(c["ious"])) if c["ious"] else None,
                           "class_agreement": float(np.mean(c["class_agree"])) if c["class_agree"] else None})
         ious += c["ious"]
         agree += c["class_agree"]
-    metrics = evaluate(gt, video_results(got_cols, gt, top_k))
+    metrics = evaluate(gt, got_results)
     return {"videos": len(gt.videos),
             "tracks_reference": sum(v["tracks_reference"] for v in per_video),
             "tracks": sum(v["tracks"] for v in per_video),
@@ -539,9 +562,13 @@ def format_report(report) -> str:
     lines = []
     ref = report["reference"]
     data = report["data"]
-    lines.append(f"evis parity: PyTorch ({ref['device']}) vs each backend on {len(data['videos'])} video(s), "
-                 f"{data['frames']} frames, clips of {data['clip_length']}; per tensor on the first "
-                 f"{data['clips_per_tensor']} clip(s)")
+    if report.get("mode") == "files":
+        lines.append(f"evis parity: results files, end to end on {len(data['videos'])} video(s), "
+                     f"{data['frames']} frames; reference {ref['path']}")
+    else:
+        lines.append(f"evis parity: PyTorch ({ref['device']}) vs each backend on {len(data['videos'])} video(s), "
+                     f"{data['frames']} frames, clips of {data['clip_length']}; per tensor on the first "
+                     f"{data['clips_per_tensor']} clip(s)")
     header = f"  {'broken check':<48} {'value':>10}  {'limit':>13}"
     for b in report["backends"]:
         title = f"{b['name']} ({b['precision']}, {b['runtime']}"
@@ -568,9 +595,10 @@ def format_report(report) -> str:
                              f"{_fmt(s.get('bound')):>10}  {'ok' if s.get('passed') else 'FAIL'}")
         e = b.get("end_to_end")
         if e:
-            lines.append(f"  end to end: tracks {e['tracks']} (PyTorch {e['tracks_reference']}), class agreement "
+            who = "reference" if report.get("mode") == "files" else "PyTorch"
+            lines.append(f"  end to end: tracks {e['tracks']} ({who} {e['tracks_reference']}), class agreement "
                          f"{_fmt(e['class_agreement'])}, mask IoU mean {_fmt(e['mask_iou'])} (min "
-                         f"{_fmt(e['mask_iou_min'])}), AP {e['AP']:.4f} (PyTorch {e['AP_reference']:.4f}, "
+                         f"{_fmt(e['mask_iou_min'])}), AP {e['AP']:.4f} ({who} {e['AP_reference']:.4f}, "
                          f"ΔAP {e['delta_AP']:+.4f})")
         failed = [c for c in b["checks"] if not c["passed"]]
         if failed:
@@ -614,7 +642,52 @@ def machine_info(threads):
             "threads": threads or torch.get_num_threads()}
 
 
+def run_files(args, tol) -> int:
+    """End-to-end parity of two results files on the annotations of --ann / --data."""
+    from efficientvis.ytvis import format as ytvis_format
+    from efficientvis.ytvis.metric import evaluate
+
+    if not (args.results and args.reference):
+        raise UserError("comparing results files needs both --results GOT.json and --reference REF.json")
+    if not (args.ann or args.data):
+        raise UserError("comparing results files needs the annotations: --ann FILE or --data DIR")
+    ann = args.ann or os.path.join(args.data, "annotations.json")
+    gt = ytvis_format.load(ann)
+    loaded = {p: ytvis_format.read_json(p, "results file") for p in (args.reference, args.results)}
+    ref_metrics = evaluate(gt, loaded[args.reference], args.reference)
+    e2e = end_to_end(results_track_summaries(gt, loaded[args.reference], args.reference),
+                     results_track_summaries(gt, loaded[args.results], args.results),
+                     gt, loaded[args.results], ref_metrics)
+    checks = [{"check": f"end_to_end.{c[0]}", "value": c[1], "limit": c[2], "op": c[3], "passed": bool(c[4])}
+              for c in judge_end_to_end(e2e, tol[args.precision])]
+    failed = [c["check"] for c in checks if not c["passed"]]
+    report = {
+        "command": "parity", "mode": "files", "format_version": FORMAT_VERSION, "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {"annotations": ann, "videos": list(gt.videos),
+                 "frames": sum(v.length for v in gt.videos.values())},
+        "reference": {"name": "reference", "path": args.reference, "metrics": ref_metrics},
+        "tolerances": tol,
+        "backends": [{"name": "results", "path": args.results, "precision": args.precision, "runtime": "file",
+                      "providers": [], "status": "failed" if failed else "passed",
+                      "reason": f"{len(failed)} check(s) broken: " + ", ".join(failed) if failed else "",
+                      "checks": checks, "end_to_end": e2e}],
+        "passed": not failed, "exit_code": 1 if failed else 0,
+        "summary": f"{args.results} vs {args.reference}: " + ("broke a tolerance" if failed else "within tolerance"),
+    }
+    print(format_report(_json_safe(report)))
+    if args.json:
+        write_json(args.json, report)
+        print(f"json: {args.json}")
+    return report["exit_code"]
+
+
 def run(args) -> int:
+    if args.results or args.reference:
+        return run_files(args, tolerances_from_args(args))
+    if not (args.checkpoint and args.model and args.data):
+        raise UserError("evis parity needs --checkpoint CKPT --model MODEL_DIR --data DIR "
+                        "(or --results GOT.json --reference REF.json --ann FILE to compare results files)")
     import torch
 
     from efficientvis.runtime import manifest as manifest_lib
@@ -678,7 +751,10 @@ def run(args) -> int:
                     checks += [(f"per_clip.{name}.{c[0]}", *c[1:]) for c in judge_tensor(stats, name, ptol)]
             entry["per_tensor"] = per_tensor
             got_cols = run_videos(backend, gt, image_root, options, frames_cache)
-            entry["end_to_end"] = e2e = end_to_end(ref_cols, got_cols, gt, top_k, ref_metrics)
+            entry["end_to_end"] = e2e = end_to_end(
+                {v: track_summary(c) for v, c in ref_cols.items()},
+                {v: track_summary(c) for v, c in got_cols.items()},
+                gt, video_results(got_cols, gt, top_k), ref_metrics)
             checks += [(f"end_to_end.{c[0]}", *c[1:]) for c in judge_end_to_end(e2e, ptol)]
             entry["checks"] = [{"check": c[0], "value": c[1], "limit": c[2], "op": c[3], "passed": bool(c[4])}
                                for c in checks]

@@ -3,12 +3,15 @@
     evis run --model MODEL_DIR|ENGINE_DIR --source SPEC --out OUT_DIR [--backend ort|trt]
              [--provider cpu|cuda|tensorrt] [--stages K] [--clip T] [--fp16] [--threads N]
              [--show] [--no-video] [--max-frames N]
+    evis run --model MODEL_DIR|ENGINE_DIR --dataset DIR [--ann FILE] --out OUT_DIR [...]
 
 Frames are read from the source (runtime/sources.py), grouped into clips and run through the
 backend with the queries fed forward (runtime/clip_loop.py); every frame result goes to all
 outputs (runtime/outputs.py): OUT/overlay.mp4 (or .avi), OUT/tracks.jsonl and, for file and folder
 sources, OUT/results.json (YouTube-VIS). ENGINE_DIR (TensorRT engines, recognised by their
 `.engine.json` metadata) selects the TensorRT backend, MODEL_DIR the ONNX Runtime one.
+`--dataset` runs every video of a YouTube-VIS split and writes only OUT/results.json, with the same
+clip loop, collector and writer as `evis infer` (compare the two with `evis parity --results`).
 
 Ctrl-C (SIGINT) or SIGTERM: reading stops, the frames already read are processed, tracks.jsonl is
 flushed, the video writer released (the MP4 stays playable), the results of what was processed
@@ -37,9 +40,13 @@ MIN_INPUT_SIDE = 32  # one cell of the coarsest feature map (P5, stride 32), if 
 def add_arguments(p):
     p.add_argument("--model", required=True, metavar="MODEL_DIR|ENGINE_DIR",
                    help="folder written by `evis export` (ONNX) or `evis build` (TensorRT engines)")
-    p.add_argument("--source", required=True, metavar="SPEC",
+    p.add_argument("--source", metavar="SPEC",
                    help="video file, image folder, camera index (0), csi://N, GStreamer pipeline "
                         "(contains '!') or rtsp:// / http(s):// URL")
+    p.add_argument("--dataset", metavar="DIR",
+                   help="instead of --source: every video of a YouTube-VIS split (DIR/JPEGImages/ + "
+                        "DIR/annotations.json, or --ann) -> OUT/results.json, as `evis infer` writes it")
+    p.add_argument("--ann", metavar="FILE", help="annotation file of --dataset (default DIR/annotations.json)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--backend", choices=["ort", "trt"], help="default: trt for an ENGINE_DIR, else ort")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
@@ -164,6 +171,8 @@ class Outputs:
 
 
 def run(args) -> int:
+    if bool(args.source) == bool(args.dataset):
+        raise UserError("evis run needs exactly one of --source SPEC or --dataset DIR")
     _check_positive(args.stages, "--stages")
     _check_positive(args.clip, "--clip")
     _check_positive(args.max_frames, "--max-frames")
@@ -177,11 +186,54 @@ def run(args) -> int:
     clip_length = args.clip or manifest.clip_length
     args.stages = args.stages or int(manifest.infer.get("num_iterations") or 0)  # 0: all M
 
+    if args.dataset:
+        return _run_dataset(args, manifest, clip_length)
     source = open_source(args.source, fps=args.fps or None)
     try:
         return _run(args, manifest, source, clip_length)
     finally:
         source.close()
+
+
+def _loop_options(args, manifest, clip_length):
+    return LoopOptions(clip_length=clip_length, size=manifest.test_size, max_size=manifest.max_size,
+                       num_iterations=args.stages,
+                       background_threshold=float(manifest.infer.get("background_threshold", 0.2)),
+                       reset_after=int(manifest.infer.get("reset_after", 3)))
+
+
+def _run_dataset(args, manifest, clip_length):
+    """--dataset: the split's videos one after the other -> OUT/results.json (video by video)."""
+    from efficientvis.runtime.dataset import run_dataset
+    from efficientvis.ytvis import format as ytvis_format
+
+    ann = args.ann or os.path.join(args.dataset, "annotations.json")
+    image_root = os.path.join(args.dataset, "JPEGImages")
+    if not os.path.isfile(ann):
+        raise UserError(f"annotation file not found: {ann} (--dataset DIR must hold JPEGImages/ and "
+                        f"annotations.json, or give --ann)")
+    if not os.path.isdir(image_root):
+        raise UserError(f"image folder not found: {image_root}")
+    gt = ytvis_format.load(ann)
+    if manifest.class_names and list(manifest.class_names) != gt.category_names:
+        raise UserError(f"{ann}: categories {gt.category_names} differ from the model's classes "
+                        f"{list(manifest.class_names)}")
+    backend = TimedBackend(build_backend(args, manifest))
+    out_path = os.path.join(args.out, "results.json")
+    out_mod.make_parent(out_path, "output folder")
+    start = time.perf_counter()
+    try:
+        run_dataset(backend, gt, image_root, _loop_options(args, manifest, clip_length), out_path,
+                    manifest.num_classes, gt.category_ids, int(manifest.infer.get("top_k", 10)))
+    finally:
+        if hasattr(backend.backend, "close"):
+            backend.backend.close()
+    frames = sum(v.length for v in gt.videos.values())
+    elapsed = time.perf_counter() - start
+    print(f"evis run: {len(gt.videos)} videos, {frames} frames in {elapsed:.1f}s "
+          f"({frames / max(elapsed, 1e-9):.1f} FPS end to end)")
+    print(f"results: {out_path}")
+    return 0
 
 
 def _check_input_size(manifest, info):
@@ -211,10 +263,7 @@ def _run(args, manifest, source, clip_length):
           f"{clip_length}, {args.stages or manifest.num_stages}/{manifest.num_stages} stages, "
           f"{type(inner).__name__} on {', '.join(in_use) or '?'}", file=sys.stderr, flush=True)
 
-    options = LoopOptions(clip_length=clip_length, size=manifest.test_size, max_size=manifest.max_size,
-                          num_iterations=args.stages,
-                          background_threshold=float(manifest.infer.get("background_threshold", 0.2)),
-                          reset_after=int(manifest.infer.get("reset_after", 3)))
+    options = _loop_options(args, manifest, clip_length)
     outputs = Outputs(args, info, manifest)
     status = out_mod.StatusLine()
     stopped = {"signal": None}

@@ -93,7 +93,7 @@ def tiny(request, tmp_path_factory):
 
     cache = getattr(request.config, "cache", None)
     root = str(cache.mkdir("efficientvis-tiny-export")) if cache is not None else \
-        str(tmp_path_factory.getbasetemp().parent)
+        str(tmp_path_factory.mktemp("efficientvis-tiny-export"))
     key = _key()
     folder = os.path.join(root, key)
     with FileLock(os.path.join(root, key + ".lock")):
@@ -223,3 +223,38 @@ def test_tolerance_flags():
     assert ok("proposals", [100.0, 200.0, 300.0], 2e-3) and not ok("proposals", [100.0, 200.0, 300.0], 4e-3)
     assert ok("class_logits", [1.0, 2.0, 3.0], 1e-4) and not ok("class_logits", [1.0, 2.0, 3.0], 2e-4)
     assert not ok("proposals", [1.0, 2.0, 3.0], 1e-4)  # no absolute slack for pixel coordinates
+
+
+def test_evis_run_dataset_gives_the_results_file_of_evis_infer(tiny, tmp_path, capsys):
+    """`evis run --dataset` (ONNX Runtime, torch-free loop) writes the results file `evis infer`
+    (PyTorch) writes, within the FP32 end-to-end tolerances; a results file missing a track fails."""
+    data = tiny["data"]
+    ref, run_dir, report = str(tmp_path / "infer.json"), str(tmp_path / "run"), str(tmp_path / "files.json")
+    assert evis(["infer", "--checkpoint", tiny["checkpoint"], "--data", os.path.join(data, "JPEGImages"),
+                 "--ann", os.path.join(data, "annotations.json"), "--out", ref, "--threads", "1"]) == 0
+    assert evis(["run", "--model", tiny["model_dir"], "--dataset", data, "--out", run_dir, "--threads", "1"]) == 0
+    got = os.path.join(run_dir, "results.json")
+    with open(got) as f:
+        results = json.load(f)
+    assert {r["video_id"] for r in results} == {v["id"] for v in json.load(open(os.path.join(data, "annotations.json")))["videos"]}
+
+    assert evis(["parity", "--results", got, "--reference", ref, "--data", data, "--json", report]) == 0
+    with open(report) as f:
+        files = json.load(f)
+    e2e = files["backends"][0]["end_to_end"]
+    assert files["passed"] and e2e["tracks"] == e2e["tracks_reference"] > 0
+    assert e2e["class_agreement"] == 1.0 and e2e["mask_iou"] >= 0.99 and abs(e2e["delta_AP"]) <= 1e-3
+
+    # drop every entry of one track (its top-k entries share the masks): track_count breaks
+    first = results[0]["segmentations"]
+    broken = [r for r in results if not (r["video_id"] == results[0]["video_id"] and r["segmentations"] == first)]
+    bad = str(tmp_path / "broken.json")
+    with open(bad, "w") as f:
+        json.dump(broken, f)
+    capsys.readouterr()
+    assert evis(["parity", "--results", bad, "--reference", ref, "--data", data]) == 1
+    assert "end_to_end.track_count" in capsys.readouterr().out
+
+    # neither --source nor --dataset: one line, exit 1
+    assert evis(["run", "--model", tiny["model_dir"], "--out", run_dir]) == 1
+    assert "exactly one of --source SPEC or --dataset DIR" in capsys.readouterr().err

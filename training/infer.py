@@ -12,16 +12,14 @@ clips are linked by Hungarian matching on box IoU, box L1, mask IoU and class ag
 """
 
 import torch
-from tqdm import tqdm
 
 from efficientvis.errors import UserError
-from efficientvis.runtime.clip_loop import LoopOptions, run_clips
-from efficientvis.runtime.collect import TrackCollector
+from efficientvis.runtime.clip_loop import LoopOptions
+from efficientvis.runtime.dataset import run_dataset
 from efficientvis.runtime.linking import HandcraftedLinker
 from efficientvis.training import checkpoint
 from efficientvis.training.model import build_model
 from efficientvis.ytvis import format as ytvis_format
-from efficientvis.ytvis.results import ResultsWriter
 
 
 class TorchBackend:
@@ -49,11 +47,6 @@ class TorchBackend:
         return {k: last[k][0].float().cpu().numpy() for k in ("class_logits", "boxes", "mask_logits")}
 
 
-def video_frames(video, image_root):
-    """BGR frames of a dataset video, read one by one (a missing or broken JPEG is a UserError)."""
-    return (ytvis_format.read_frame(image_root, video, t, rgb=False) for t in range(video.length))
-
-
 def loop_options(cfg):
     return LoopOptions(clip_length=cfg.model.clip_length, size=cfg.data.test_size,
                        max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
@@ -71,14 +64,10 @@ def infer_dataset(model, cfg, gt, image_root, out_path, device, progress=True, c
     if len(category_ids) != cfg.model.num_classes:
         raise UserError(f"the model has {cfg.model.num_classes} classes, the annotations "
                         f"{len(category_ids)} categories")
-    with ResultsWriter(out_path) as writer:
-        for video in tqdm(list(gt.videos.values()), desc="infer", disable=not progress, dynamic_ncols=True):
-            linker = HandcraftedLinker(backend.num_queries) if cfg.infer.linking == "handcrafted" else None
-            collector = TrackCollector(video.length, cfg.model.num_classes)
-            for frame_result in run_clips(backend, video_frames(video, image_root), options, linker):
-                collector.add(frame_result)
-            writer.add(video.id, collector.results(video.id, category_ids, cfg.infer.top_k))
-    return out_path
+    make_linker = ((lambda: HandcraftedLinker(backend.num_queries)) if cfg.infer.linking == "handcrafted"
+                   else None)
+    return run_dataset(backend, gt, image_root, options, out_path, cfg.model.num_classes, category_ids,
+                       cfg.infer.top_k, make_linker, progress)
 
 
 def load_model(path, device, overrides=()):

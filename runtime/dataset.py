@@ -1,0 +1,36 @@
+"""Whole YouTube-VIS splits through the clip loop, to one results file (`evis run --dataset`,
+`evis infer`, `evis parity`): the same loop, collector and writer whatever the backend, so a
+PyTorch and an ONNX Runtime/TensorRT results file differ only by what the graphs compute."""
+
+from tqdm import tqdm
+
+from efficientvis.runtime.clip_loop import run_clips
+from efficientvis.runtime.collect import TrackCollector
+from efficientvis.ytvis import format as ytvis_format
+from efficientvis.ytvis.results import ResultsWriter
+
+
+def video_frames(video, image_root):
+    """BGR frames of a dataset video, read one by one (a missing or broken JPEG is a UserError)."""
+    return (ytvis_format.read_frame(image_root, video, t, rgb=False) for t in range(video.length))
+
+
+def run_video(backend, frames, length, options, num_classes, linker=None):
+    """One video's frames through the clip loop -> its TrackCollector."""
+    collector = TrackCollector(length, num_classes)
+    for frame_result in run_clips(backend, frames, options, linker):
+        collector.add(frame_result)
+    return collector
+
+
+def run_dataset(backend, gt, image_root, options, out_path, num_classes, category_ids, top_k,
+                make_linker=None, progress=True):
+    """Every video of `gt` (a format.Dataset) -> YouTube-VIS results at out_path, written video by
+    video (atomic: an interrupted run leaves the videos done so far, never a half file)."""
+    with ResultsWriter(out_path) as writer:
+        for video in tqdm(list(gt.videos.values()), desc="videos", disable=not progress, dynamic_ncols=True):
+            linker = make_linker() if make_linker else None
+            collector = run_video(backend, video_frames(video, image_root), video.length, options,
+                                  num_classes, linker)
+            writer.add(video.id, collector.results(video.id, category_ids, top_k))
+    return out_path
