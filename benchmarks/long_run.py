@@ -166,6 +166,8 @@ def main(argv=None):
     p.add_argument("--warmup-frames", type=int, default=300)
     p.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-results", action="store_true",
+                   help="evis run --no-results: no results.json (its per-track masks grow with the video)")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -177,6 +179,8 @@ def main(argv=None):
     cmd = ["evis", "run", "--model", args.model, "--source", video, "--out", run_dir]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_results:
+        cmd.append("--no-results")
     tracks_path = os.path.join(run_dir, "tracks.jsonl")
     if os.path.exists(tracks_path):
         os.remove(tracks_path)
@@ -195,7 +199,7 @@ def main(argv=None):
     predictions = load_predictions(tracks_path, video_info["height"], video_info["width"])
     stability = id_stability(gt, predictions)
     memory = memory_growth(samples, args.warmup_frames)
-    summary = {"video": video, "frames": len(predictions), "model": args.model,
+    summary = {"video": video, "frames": len(predictions), "model": args.model, "command": cmd,
                "seconds": round(samples[-1][0], 1) if samples else None,
                "warmup_frames": args.warmup_frames, **memory,
                "memory_flat": memory["growth_percent"] < 5.0,

@@ -6,7 +6,7 @@ the model's own modules, so the graphs compute exactly what `EfficientVIS.forwar
 - `BackboneGraph`:  frames uint8 (T, 3, H, W) -> p2, p3, p4, p5, each (T, C, ceil(H/s), ceil(W/s)).
   `EfficientVIS.features` (normalisation inside the backbone).
 - `FirstStageGraph`: p2..p5, init_queries (N, C), image_size (2,) = (H, W) float32 ->
-  queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), mask_logits (N, T, 28, 28),
+  queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), mask_logits (N, T, 2S, 2S) (S = mask_pooler_size),
   next_queries (N, C). The clip-start queries and the learned proposals are built by
   `EfficientVIS.initial_queries` / `EfficientVIS.initial_proposals` (T taken from the features).
 - `StageGraph(k)`, k >= 1: p2..p5, queries_in (N, T, C), proposals_in (N, T, 4) -> the same outputs.

@@ -1,6 +1,6 @@
 """Model outputs -> masks at the original frame resolution (numpy + OpenCV only).
 
-Each 28x28 mask probability map is resized bilinearly into its box (in original-frame pixels) and
+Each mask probability map (28x28, or the manifest's mask_size) is resized bilinearly into its box (in original-frame pixels) and
 thresholded at 0.5. PyTorch inference and the runtime both use this, so their masks agree.
 """
 

@@ -61,6 +61,9 @@ def add_arguments(p):
     p.add_argument("--cache", metavar="DIR", help="TensorRT EP engine/timing cache (default MODEL_DIR/trt_cache)")
     p.add_argument("--show", action="store_true", help="live window (needs a display)")
     p.add_argument("--no-video", action="store_true", help="do not write the overlay video")
+    p.add_argument("--no-results", action="store_true",
+                   help="do not collect results.json for a file/folder source (it holds every track's "
+                        "masks in memory until the end; tracks.jsonl has the same per frame)")
     p.add_argument("--video-format", choices=sorted(out_mod.VIDEO_FORMATS), default="mp4",
                    help="mp4 (mp4v, playable after a normal end, an error, Ctrl-C or SIGTERM) or "
                         "avi (MJPG, also readable after a hard kill; larger)")
@@ -124,7 +127,7 @@ class Outputs:
             ext = out_mod.VIDEO_FORMATS[args.video_format][0]
             self.video = out_mod.OverlayVideo(os.path.join(args.out, "overlay" + ext),
                                               args.fps or info.fps, info.size, args.video_format)
-        if not info.is_live:
+        if not (info.is_live or args.no_results):
             top_k = int(manifest.infer.get("top_k", 10))
             self.results = out_mod.VideoResults(os.path.join(args.out, "results.json"),
                                                 manifest.num_classes, manifest.category_ids,

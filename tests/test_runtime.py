@@ -312,6 +312,13 @@ def test_evis_run_anytime_short_clips_folder_avi_max_frames(exported, tmp_path):
     records, overlay = _check_outputs(out, 7, (80, 60))
     assert len(overlay) == 7 and os.path.exists(os.path.join(out, "overlay.avi"))
     assert "1/2 stages" in proc.stderr and "clips of 3" in proc.stderr
+    # --no-results: tracks.jsonl only (long file runs keep a flat memory, docs/benchmarks.md)
+    lean = str(tmp_path / "lean")
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", lean,
+                  "--no-video", "--no-results", "--threads", "1"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(lean)) == ["tracks.jsonl"]
+    assert sum(1 for _ in open(os.path.join(lean, "tracks.jsonl"))) == 9
     proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
                   "--no-video", "--stages", "3"])
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--stages" in proc.stderr
@@ -489,3 +496,26 @@ def test_trt_backend_on_a_gpu(exported):  # pragma: no cover - needs TensorRT + 
     backend.start_video()
     out = backend.run_clip(np.zeros((4, 3, 64, 112), np.uint8), None)
     assert out["class_logits"].shape == (4, 4, 6)
+
+
+def test_slot_tracker_keeps_ids_and_resets_after_k_background_clips():
+    """A slot keeps its id through short background gaps; after `reset_after` background clips it
+    is reset (to q*) and its next object gets a new id; ids are never reused."""
+    from efficientvis.runtime.tracker import SlotTracker
+
+    def clip(*fg):  # per slot: foreground (max prob 0.9) or background (0.05)
+        probs = np.full((len(fg), 2, 3), 0.05, np.float32)
+        probs[[i for i, f in enumerate(fg) if f], 0, 1] = 0.9
+        return probs
+
+    tracker = SlotTracker(3, background_threshold=0.2, reset_after=2)
+    seen = []
+    for fg in [(1, 0, 1), (1, 0, 0), (1, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]:
+        ids, reset = tracker.update(clip(*fg))
+        seen.append((ids.tolist(), reset.tolist()))
+    assert seen[0] == ([1, 0, 2], [False, False, False])
+    assert seen[1] == ([1, 0, 0], [False, True, False])  # slot 1: 2 background clips -> reset
+    assert seen[2] == ([1, 3, 0], [False, False, True])  # slot 2: 2 background clips -> reset
+    assert seen[3][0] == [1, 3, 0]
+    assert seen[4][0] == [0, 3, 4]  # slot 2's next object: a new id, not 2 again
+    assert seen[5][0] == [1, 3, 4]  # slot 0 back after one background clip: same id

@@ -74,6 +74,6 @@ class QueryVideoIteration(nn.Module):
         new_boxes = apply_deltas(self.bbox_deltas(self.reg_module(q)), boxes)  # (B, N, T, 4)
         mask_roi = tracklet_roi_features(features, new_boxes.detach(), cfg.mask_pooler_size,
                                          cfg.sampling_ratio)
-        mask_logits = self.mask_head(attended, mask_roi)  # (B, N, T, 28, 28)
+        mask_logits = self.mask_head(attended, mask_roi)  # (B, N, T, 2S, 2S), S = mask_pooler_size
         return {"queries": q, "boxes": new_boxes, "class_logits": class_logits,
                 "mask_logits": mask_logits}

@@ -1,8 +1,8 @@
 """QueryInst-style dynamic mask head, applied per frame of every tracklet.
 
 A dynamic filter (no final projection) driven by the query after self-attention is applied to the
-14x14 mask RoI feature, then four 3x3 convs, a 2x deconvolution to 28x28 and a 1x1 conv to
-class-agnostic mask logits.
+S x S mask RoI feature (S = model.mask_pooler_size, 14 in QueryInst), then `num_convs` 3x3 convs
+(four in QueryInst), a 2x deconvolution to 2S x 2S and a 1x1 conv to class-agnostic mask logits.
 """
 
 import torch.nn.functional as F

@@ -4,7 +4,7 @@ cost(i, j) = sum_t [ w_cls * -p_i^t(c_j^t)
                      + 1{j visible at t} * (w_l1 * L1 + w_giou * -GIoU + w_mask * -maskIoU) ]
 where c_j^t is the background class on frames where ground truth j is absent; with sigmoid class
 scores the background probability is 1 - max_k p_k. The mask IoU is the soft dice coefficient of
-the predicted 28x28 mask and the ground truth cropped by the predicted box.
+the predicted mask (2S x 2S) and the ground truth cropped by the predicted box.
 """
 
 import torch

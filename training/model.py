@@ -70,7 +70,7 @@ class EfficientVIS(nn.Module):
         """frames (B, T, 3, H, W); image_sizes (B, 2) un-padded (h, w), default the frame size.
 
         Returns {"stages": [per-iteration outputs], "next_queries": (B, N, C)} where each stage has
-        class_logits (B, N, T, K), boxes (B, N, T, 4) xyxy pixels, mask_logits (B, N, T, 28, 28),
+        class_logits (B, N, T, K), boxes (B, N, T, 4) xyxy pixels, mask_logits (B, N, T, 2S, 2S),
         queries (B, N, T, C). Fewer iterations than M give anytime inference.
         `denoise_boxes` (training): per clip, (G_b, T, 4) noised ground-truth tracklet boxes; their
         iterations' outputs come back under "denoise" (one list of stages per clip, or None).
