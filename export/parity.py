@@ -372,16 +372,10 @@ def tolerances_from_args(args) -> dict:
 
 
 def _data(args, num_classes, class_names):
+    from efficientvis.runtime.dataset import load_split
     from efficientvis.ytvis import format as ytvis_format
 
-    ann = args.ann or os.path.join(args.data, "annotations.json")
-    image_root = os.path.join(args.data, "JPEGImages")
-    if not os.path.isfile(ann):
-        raise UserError(f"annotation file not found: {ann} (--data DIR must hold JPEGImages/ and "
-                        f"annotations.json, or give --ann)")
-    if not os.path.isdir(image_root):
-        raise UserError(f"image folder not found: {image_root}")
-    gt = ytvis_format.load(ann)
+    gt, ann, image_root = load_split(args.data, args.ann, "--data")
     if len(gt.category_ids) != num_classes:
         raise UserError(f"{ann}: {len(gt.category_ids)} categories, the model has {num_classes} classes")
     if class_names and list(class_names) != gt.category_names:

@@ -2,12 +2,29 @@
 `evis infer`, `evis parity`): the same loop, collector and writer whatever the backend, so a
 PyTorch and an ONNX Runtime/TensorRT results file differ only by what the graphs compute."""
 
+import os
+
 from tqdm import tqdm
+
+from efficientvis.errors import UserError
 
 from efficientvis.runtime.clip_loop import run_clips
 from efficientvis.runtime.collect import TrackCollector
 from efficientvis.ytvis import format as ytvis_format
 from efficientvis.ytvis.results import ResultsWriter
+
+
+def load_split(folder, ann=None, flag="--data"):
+    """A YouTube-VIS split folder (JPEGImages/ + annotations.json, or `ann`) -> (Dataset, annotation
+    path, image root); a missing part is a UserError naming it."""
+    ann = ann or os.path.join(folder, "annotations.json")
+    image_root = os.path.join(folder, "JPEGImages")
+    if not os.path.isfile(ann):
+        raise UserError(f"annotation file not found: {ann} ({flag} DIR must hold JPEGImages/ and "
+                        f"annotations.json, or give --ann)")
+    if not os.path.isdir(image_root):
+        raise UserError(f"image folder not found: {image_root}")
+    return ytvis_format.load(ann), ann, image_root
 
 
 def video_frames(video, image_root):

@@ -207,17 +207,9 @@ def _loop_options(args, manifest, clip_length):
 
 def _run_dataset(args, manifest, clip_length):
     """--dataset: the split's videos one after the other -> OUT/results.json (video by video)."""
-    from efficientvis.runtime.dataset import run_dataset
-    from efficientvis.ytvis import format as ytvis_format
+    from efficientvis.runtime.dataset import load_split, run_dataset
 
-    ann = args.ann or os.path.join(args.dataset, "annotations.json")
-    image_root = os.path.join(args.dataset, "JPEGImages")
-    if not os.path.isfile(ann):
-        raise UserError(f"annotation file not found: {ann} (--dataset DIR must hold JPEGImages/ and "
-                        f"annotations.json, or give --ann)")
-    if not os.path.isdir(image_root):
-        raise UserError(f"image folder not found: {image_root}")
-    gt = ytvis_format.load(ann)
+    gt, ann, image_root = load_split(args.dataset, args.ann, "--dataset")
     if manifest.class_names and list(manifest.class_names) != gt.category_names:
         raise UserError(f"{ann}: categories {gt.category_names} differ from the model's classes "
                         f"{list(manifest.class_names)}")
