@@ -84,7 +84,7 @@ def memory_growth(samples, warmup_frames):
             "growth_percent": round(100.0 * (peak - reference) / reference, 2)}
 
 
-def load_predictions(tracks_path, height, width):
+def load_predictions(tracks_path):
     """tracks.jsonl -> per frame list of (track id, RLE)."""
     frames = []
     with open(tracks_path) as f:
@@ -145,7 +145,7 @@ def plot(samples, warmup_frames, stability, path):
     ax1.set_ylabel("resident memory (MB)")
     ax1.set_title("evis run on a long video: memory and track ids")
     ax1.legend(loc="lower right")
-    for k, track in enumerate(stability):
+    for track in stability:
         ids = [np.nan if i is None else i for i in track["ids"]]
         ax2.plot(range(len(ids)), ids, ".", ms=2, label=f"object {track['gt_id']}")
     ax2.set_xlabel("frame")
@@ -195,8 +195,7 @@ def main(argv=None):
         writer.writerows((round(s, 2), n, round(r, 1)) for s, n, r in samples)
     with open(video[:-4] + ".json") as f:
         gt = json.load(f)
-    video_info = gt["videos"][0]
-    predictions = load_predictions(tracks_path, video_info["height"], video_info["width"])
+    predictions = load_predictions(tracks_path)
     stability = id_stability(gt, predictions)
     memory = memory_growth(samples, args.warmup_frames)
     summary = {"video": video, "frames": len(predictions), "model": args.model, "command": cmd,

@@ -375,12 +375,9 @@ def _data(args, num_classes, class_names):
     from efficientvis.runtime.dataset import load_split
     from efficientvis.ytvis import format as ytvis_format
 
-    gt, ann, image_root = load_split(args.data, args.ann, "--data")
+    gt, ann, image_root = load_split(args.data, args.ann, "--data", class_names, "checkpoint's")
     if len(gt.category_ids) != num_classes:
         raise UserError(f"{ann}: {len(gt.category_ids)} categories, the model has {num_classes} classes")
-    if class_names and list(class_names) != gt.category_names:
-        raise UserError(f"{ann}: categories {gt.category_names} differ from the checkpoint's classes "
-                        f"{list(class_names)}")
     ids = list(gt.videos)[: args.videos or None]
     if not ids:
         raise UserError(f"{ann}: no videos")

@@ -14,9 +14,16 @@ from efficientvis.ytvis import format as ytvis_format
 from efficientvis.ytvis.results import ResultsWriter
 
 
-def load_split(folder, ann=None, flag="--data"):
+def check_class_names(gt, class_names, ann, whose="model's"):
+    """UserError when the annotations' categories are not the model's classes (names, in order)."""
+    if class_names and list(class_names) != gt.category_names:
+        raise UserError(f"{ann}: categories {gt.category_names} differ from the {whose} classes "
+                        f"{list(class_names)}")
+
+
+def load_split(folder, ann=None, flag="--data", class_names=None, whose="model's"):
     """A YouTube-VIS split folder (JPEGImages/ + annotations.json, or `ann`) -> (Dataset, annotation
-    path, image root); a missing part is a UserError naming it."""
+    path, image root); a missing part, or categories other than `class_names`, is a UserError."""
     ann = ann or os.path.join(folder, "annotations.json")
     image_root = os.path.join(folder, "JPEGImages")
     if not os.path.isfile(ann):
@@ -24,7 +31,9 @@ def load_split(folder, ann=None, flag="--data"):
                         f"annotations.json, or give --ann)")
     if not os.path.isdir(image_root):
         raise UserError(f"image folder not found: {image_root}")
-    return ytvis_format.load(ann), ann, image_root
+    gt = ytvis_format.load(ann)
+    check_class_names(gt, class_names, ann, whose)
+    return gt, ann, image_root
 
 
 def video_frames(video, image_root):

@@ -209,11 +209,8 @@ def _run_dataset(args, manifest, clip_length):
     """--dataset: the split's videos one after the other -> OUT/results.json (video by video)."""
     from efficientvis.runtime.dataset import load_split, run_dataset
 
-    gt, ann, image_root = load_split(args.dataset, args.ann, "--dataset")
-    if manifest.class_names and list(manifest.class_names) != gt.category_names:
-        raise UserError(f"{ann}: categories {gt.category_names} differ from the model's classes "
-                        f"{list(manifest.class_names)}")
-    backend = TimedBackend(build_backend(args, manifest))
+    gt, _, image_root = load_split(args.dataset, args.ann, "--dataset", manifest.class_names)
+    backend = build_backend(args, manifest)
     out_path = os.path.join(args.out, "results.json")
     out_mod.make_parent(out_path, "output folder")
     start = time.perf_counter()
@@ -221,8 +218,8 @@ def _run_dataset(args, manifest, clip_length):
         run_dataset(backend, gt, image_root, _loop_options(args, manifest, clip_length), out_path,
                     manifest.num_classes, gt.category_ids, int(manifest.infer.get("top_k", 10)))
     finally:
-        if hasattr(backend.backend, "close"):
-            backend.backend.close()
+        if hasattr(backend, "close"):
+            backend.close()
     frames = sum(v.length for v in gt.videos.values())
     elapsed = time.perf_counter() - start
     print(f"evis run: {len(gt.videos)} videos, {frames} frames in {elapsed:.1f}s "

@@ -255,6 +255,17 @@ def test_evis_run_dataset_gives_the_results_file_of_evis_infer(tiny, tmp_path, c
     assert evis(["parity", "--results", bad, "--reference", ref, "--data", data]) == 1
     assert "end_to_end.track_count" in capsys.readouterr().out
 
+    # annotations whose categories are not the model's classes: one line naming the file, exit 1
+    renamed = json.load(open(os.path.join(data, "annotations.json")))
+    renamed["categories"][0]["name"] = "blob"
+    other_ann = str(tmp_path / "renamed.json")
+    with open(other_ann, "w") as f:
+        json.dump(renamed, f)
+    capsys.readouterr()
+    assert evis(["run", "--model", tiny["model_dir"], "--dataset", data, "--ann", other_ann, "--out", run_dir]) == 1
+    err = capsys.readouterr().err
+    assert "renamed.json: categories" in err and "differ from the model's classes" in err
+
     # neither --source nor --dataset: one line, exit 1
     assert evis(["run", "--model", tiny["model_dir"], "--out", run_dir]) == 1
     assert "exactly one of --source SPEC or --dataset DIR" in capsys.readouterr().err

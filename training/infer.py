@@ -15,7 +15,7 @@ import torch
 
 from efficientvis.errors import UserError
 from efficientvis.runtime.clip_loop import LoopOptions
-from efficientvis.runtime.dataset import run_dataset
+from efficientvis.runtime.dataset import check_class_names, run_dataset
 from efficientvis.runtime.linking import HandcraftedLinker
 from efficientvis.training import checkpoint
 from efficientvis.training.model import build_model
@@ -100,9 +100,7 @@ def run(args):
                           ("cpu" if args.device == "auto" else args.device))
     model, cfg, class_names = load_model(args.checkpoint, device, args.set)
     gt = ytvis_format.load(args.ann)
-    if class_names and [c["name"] for c in gt.categories] != list(class_names):
-        raise UserError(f"{args.ann}: categories {gt.category_names} differ from the checkpoint's "
-                        f"classes {list(class_names)}")
+    check_class_names(gt, class_names, args.ann, "checkpoint's")
     infer_dataset(model, cfg, gt, args.data, args.out, device)
     print(f"results: {args.out}")
     if args.eval:
