@@ -166,21 +166,23 @@ def main(argv=None):
     p.add_argument("--warmup-frames", type=int, default=300)
     p.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-results", action="store_true",
-                   help="evis run --no-results: no results.json (its per-track masks grow with the video)")
+    p.add_argument("--no-results", action="store_true", help="evis run --no-results: no results.json")
+    p.add_argument("--linking", choices=["e2e", "handcrafted"], help="evis run --linking")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
     video = os.path.join(args.out, f"long_{args.frames}.mp4")
     if not (os.path.exists(video) and os.path.exists(video[:-4] + ".json")):
-        subprocess.run(["evis", "synth", "--video", video, "--frames", str(args.frames),
+        subprocess.run([sys.executable, "-m", "efficientvis", "synth", "--video", video, "--frames", str(args.frames),
                         "--seed", str(args.seed)], check=True)
     run_dir = os.path.join(args.out, "run")
-    cmd = ["evis", "run", "--model", args.model, "--source", video, "--out", run_dir]
+    cmd = [sys.executable, "-m", "efficientvis", "run", "--model", args.model, "--source", video, "--out", run_dir]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.no_results:
         cmd.append("--no-results")
+    if args.linking:
+        cmd += ["--linking", args.linking]
     tracks_path = os.path.join(run_dir, "tracks.jsonl")
     if os.path.exists(tracks_path):
         os.remove(tracks_path)
@@ -199,6 +201,7 @@ def main(argv=None):
     stability = id_stability(gt, predictions)
     memory = memory_growth(samples, args.warmup_frames)
     summary = {"video": video, "frames": len(predictions), "model": args.model, "command": cmd,
+               "track_ids": len({tid for items in predictions for tid, _ in items}),
                "seconds": round(samples[-1][0], 1) if samples else None,
                "warmup_frames": args.warmup_frames, **memory,
                "memory_flat": memory["growth_percent"] < 5.0,

@@ -111,9 +111,6 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
     log(f"calibrating {model_dir} -> {out_dir}: method {method}, "
         f"{'everything quantized' if quantize_all else 'default exclusions' + (' + ' + ', '.join(exclude) if exclude else '')}, "
         f"{clips} clips from {source.describe()}")
-    if method == "entropy":
-        log("note: onnxruntime's quantize_static runs its entropy calibrator with 128 histogram bins "
-            "and 128 quantized bins, so its ranges equal MinMax's (docs/benchmarks.md)")
     recording = data_lib.record(model_dir, source, clips=clips, clips_per_video=clips_per_video,
                                 clip_length=clip_length,
                                 threads=threads, log=log, manifest=manifest)

@@ -207,7 +207,7 @@ def record(model_dir, data, clips=DEFAULT_CLIPS, clips_per_video=DEFAULT_CLIPS_P
     shorter clip bounds the memory of large models). Returns the Recording (call cleanup() when done)."""
     from itertools import islice
 
-    from efficientvis.runtime.clip_loop import LoopOptions, run_clips
+    from efficientvis.runtime.clip_loop import run_clips
     from efficientvis.runtime.ort_backend import OrtBackend
 
     source = data if isinstance(data, Source) else resolve_source(data)
@@ -223,9 +223,7 @@ def record(model_dir, data, clips=DEFAULT_CLIPS, clips_per_video=DEFAULT_CLIPS_P
     if not 0 <= clip_length <= m.clip_length:
         raise UserError(f"--clip-length must be between 1 and the model's T = {m.clip_length}, got {clip_length}")
     T = clip_length or m.clip_length
-    options = LoopOptions(clip_length=T, size=m.test_size, max_size=m.max_size,
-                          background_threshold=float(m.infer.get("background_threshold", 0.2)),
-                          reset_after=int(m.infer.get("reset_after", 3)))
+    options = m.loop_options(T, num_iterations=0)
 
     def run_video(frames, n_clips):
         for _ in run_clips(backend, islice(frames, n_clips * T), options):

@@ -54,8 +54,7 @@ def _split(path):
 
 def evaluate(model_dir, split, threads=0, max_videos=0, log=None) -> dict:
     """AP of MODEL_DIR (or a QDQ_DIR with its manifest) on a YouTube-VIS split folder."""
-    from efficientvis.runtime.clip_loop import LoopOptions, run_clips
-    from efficientvis.runtime.collect import TrackCollector
+    from efficientvis.runtime.dataset import run_video, video_frames
     from efficientvis.runtime.ort_backend import OrtBackend
     from efficientvis.ytvis import format as ytvis_format
     from efficientvis.ytvis import metric
@@ -69,19 +68,14 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None) -> dict:
                      gt.categories, gt.path)
     backend = _Timed(OrtBackend(model_dir, threads=threads))
     m = backend.backend.manifest
-    options = LoopOptions(clip_length=m.clip_length, size=m.test_size, max_size=m.max_size,
-                          num_iterations=int(m.infer.get("num_iterations") or 0),
-                          background_threshold=float(m.infer.get("background_threshold", 0.2)),
-                          reset_after=int(m.infer.get("reset_after", 3)))
+    options = m.loop_options()
     top_k = int(m.infer.get("top_k", 10))
     results, started = [], time.perf_counter()
     for vid in ids:
         video = gt.videos[vid]
-        frames = (ytvis_format.read_frame(source.image_root, video, t, rgb=False) for t in range(video.length))
-        collector = TrackCollector(video.length, m.num_classes)
-        for result in run_clips(backend, frames, options):
-            collector.add(result)
-        results += collector.results(vid, m.category_ids, top_k)
+        collector = run_video(backend, video_frames(video, source.image_root), video.length, options, m.num_classes)
+        results += list(collector.results(vid, m.category_ids, top_k))
+        collector.close()
     metrics = metric.evaluate(gt, results)
     out = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR10": metrics["AR10"],
            "videos": len(ids), "clips": backend.clips, "frames": backend.frames,

@@ -346,10 +346,11 @@ class TorchRunner:
             _sync(torch, dev)
             times["backbone"] = time.perf_counter() - t0
             image_size = torch.tensor(frames.shape[-2:], dtype=torch.float32, device=dev)
+            carried = (self.queries, image_size)  # stage 0: q* (N, C) + image size; then queries, proposals
             for k in range(stages):
                 t0 = time.perf_counter()
-                module = self.modules[f"stage_{k}"]
-                res = module(*feats, self.queries, image_size) if k == 0 else module(*feats, res[0], res[1])
+                res = self.modules[f"stage_{k}"](*feats, *carried)
+                carried = (res[0], res[1])
                 _sync(torch, dev)
                 times[f"stage_{k}"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -69,7 +69,6 @@ cosine, ref_max_abs, nonfinite, bound, passed}.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -274,12 +273,11 @@ def _rle_bytes(rle):
 
 
 def track_summary(collector):
-    """{track id: (class index, {frame: RLE bytes})} of a TrackCollector."""
-    out = {}
-    for track, rles in collector.rles.items():
-        probs = np.mean([p for p in collector.probs[track].values()], axis=0)
-        out[track] = (int(np.argmax(probs)), {t: _rle_bytes(r) for t, r in rles.items() if r is not None})
-    return out
+    """{track id: (class index, {frame: RLE bytes})} of a TrackCollector's visible tracks, each
+    labelled with the argmax of its class scores (the scoring rule's average over visible frames)."""
+    ids, scores = collector.track_scores()
+    return {k: (int(np.argmax(s)), {t: _rle_bytes(r) for t, r in collector.track_masks(k).items()})
+            for k, s in zip(ids, scores)}
 
 
 def compare_tracks(ref, got) -> dict:
@@ -468,7 +466,7 @@ def run_videos(backend, gt, image_root, options, frames_cache):
 def video_results(collectors, gt, top_k):
     results = []
     for vid, collector in collectors.items():
-        results += collector.results(vid, gt.category_ids, top_k)
+        results += list(collector.results(vid, gt.category_ids, top_k))
     return results
 
 

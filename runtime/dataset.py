@@ -59,4 +59,5 @@ def run_dataset(backend, gt, image_root, options, out_path, num_classes, categor
             collector = run_video(backend, video_frames(video, image_root), video.length, options,
                                   num_classes, linker)
             writer.add(video.id, collector.results(video.id, category_ids, top_k))
+            collector.close()
     return out_path

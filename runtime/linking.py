@@ -9,7 +9,24 @@ first visible frame. Pairs with affinity below `min_affinity` start new tracks; 
 
 import numpy as np
 
+from efficientvis.errors import UserError
 from efficientvis.runtime.postprocess import paste_mask
+
+LINKING = ("e2e", "handcrafted")
+
+
+def linker_factory(linking, num_slots, background_threshold=0.2):
+    """None for "e2e" (query feedback, no linker), else a function making one HandcraftedLinker per
+    video; an unknown name, or scipy missing (the runtime does not otherwise need it), is a UserError."""
+    if linking not in LINKING:
+        raise UserError(f"linking must be one of {', '.join(LINKING)}, got {linking!r}")
+    if linking == "e2e":
+        return None
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        raise UserError("--linking handcrafted needs scipy (pip install scipy)") from None
+    return lambda: HandcraftedLinker(num_slots, background_threshold)
 
 
 def _box_iou(a, b):

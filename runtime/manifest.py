@@ -94,6 +94,17 @@ class Manifest:
     def stages(self) -> list:
         return list(self.data.get("stages", []))
 
+    def loop_options(self, clip_length=0, num_iterations=None):
+        """The clip loop's settings from the manifest (T, input size, infer{}), T and the number
+        of stages overridable (0: the manifest's)."""
+        from efficientvis.runtime.clip_loop import LoopOptions
+        if num_iterations is None:
+            num_iterations = int(self.infer.get("num_iterations") or 0)
+        return LoopOptions(clip_length=clip_length or self.clip_length, size=self.test_size,
+                           max_size=self.max_size, num_iterations=num_iterations,
+                           background_threshold=float(self.infer.get("background_threshold", 0.2)),
+                           reset_after=int(self.infer.get("reset_after", 3)))
+
     def graph(self, name: str) -> dict:
         """The entry of graph `name` ("backbone", "stage_k", "model") with `path` added."""
         if name not in self.graphs:

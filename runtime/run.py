@@ -2,7 +2,7 @@
 
     evis run --model MODEL_DIR|ENGINE_DIR --source SPEC --out OUT_DIR [--backend ort|trt]
              [--provider cpu|cuda|tensorrt] [--stages K] [--clip T] [--fp16] [--threads N]
-             [--show] [--no-video] [--max-frames N]
+             [--linking e2e|handcrafted] [--show] [--no-video] [--max-frames N]
     evis run --model MODEL_DIR|ENGINE_DIR --dataset DIR [--ann FILE] --out OUT_DIR [...]
 
 Frames are read from the source (runtime/sources.py), grouped into clips and run through the
@@ -28,7 +28,7 @@ from itertools import islice
 
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as out_mod
-from efficientvis.runtime.clip_loop import LoopOptions, run_clips
+from efficientvis.runtime.clip_loop import run_clips
 from efficientvis.runtime import manifest as manifest_lib
 from efficientvis.runtime.sources import open_source
 from efficientvis.runtime.trt_backend import is_engine_dir
@@ -55,6 +55,10 @@ def add_arguments(p):
                    help="run only the first K of the M stages (anytime inference; default all)")
     p.add_argument("--clip", type=int, default=0, metavar="T",
                    help="frames per clip, 1..the exported T (default the exported T)")
+    p.add_argument("--linking", choices=["e2e", "handcrafted"],
+                   help="e2e: each clip's output queries start the next (the paper; default, or the "
+                        "manifest's infer.linking); handcrafted: every clip from q*, tracklets linked by "
+                        "box/mask IoU + class (Table 1d baseline; needs scipy)")
     p.add_argument("--fp16", action="store_true", help="FP16 (TensorRT execution provider)")
     p.add_argument("--qdq", metavar="DIR", help="INT8: Q/DQ graphs written by `evis calibrate`")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
@@ -62,8 +66,8 @@ def add_arguments(p):
     p.add_argument("--show", action="store_true", help="live window (needs a display)")
     p.add_argument("--no-video", action="store_true", help="do not write the overlay video")
     p.add_argument("--no-results", action="store_true",
-                   help="do not collect results.json for a file/folder source (it holds every track's "
-                        "masks in memory until the end; tracks.jsonl has the same per frame)")
+                   help="do not write results.json for a file/folder source (tracks.jsonl has the same "
+                        "masks frame by frame)")
     p.add_argument("--video-format", choices=sorted(out_mod.VIDEO_FORMATS), default="mp4",
                    help="mp4 (mp4v, playable after a normal end, an error, Ctrl-C or SIGTERM) or "
                         "avi (MJPG, also readable after a hard kill; larger)")
@@ -198,13 +202,6 @@ def run(args) -> int:
         source.close()
 
 
-def _loop_options(args, manifest, clip_length):
-    return LoopOptions(clip_length=clip_length, size=manifest.test_size, max_size=manifest.max_size,
-                       num_iterations=args.stages,
-                       background_threshold=float(manifest.infer.get("background_threshold", 0.2)),
-                       reset_after=int(manifest.infer.get("reset_after", 3)))
-
-
 def _run_dataset(args, manifest, clip_length):
     """--dataset: the split's videos one after the other -> OUT/results.json (video by video)."""
     from efficientvis.runtime.dataset import load_split, run_dataset
@@ -215,8 +212,9 @@ def _run_dataset(args, manifest, clip_length):
     out_mod.make_parent(out_path, "output folder")
     start = time.perf_counter()
     try:
-        run_dataset(backend, gt, image_root, _loop_options(args, manifest, clip_length), out_path,
-                    manifest.num_classes, gt.category_ids, int(manifest.infer.get("top_k", 10)))
+        run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages), out_path,
+                    manifest.num_classes, gt.category_ids, int(manifest.infer.get("top_k", 10)),
+                    _make_linker(args, manifest))
     finally:
         if hasattr(backend, "close"):
             backend.close()
@@ -226,6 +224,12 @@ def _run_dataset(args, manifest, clip_length):
           f"({frames / max(elapsed, 1e-9):.1f} FPS end to end)")
     print(f"results: {out_path}")
     return 0
+
+
+def _make_linker(args, manifest):
+    from efficientvis.runtime.linking import linker_factory
+    return linker_factory(args.linking or manifest.infer.get("linking") or "e2e", manifest.num_queries,
+                          float(manifest.infer.get("background_threshold", 0.2)))
 
 
 def _check_input_size(manifest, info):
@@ -255,7 +259,8 @@ def _run(args, manifest, source, clip_length):
           f"{clip_length}, {args.stages or manifest.num_stages}/{manifest.num_stages} stages, "
           f"{type(inner).__name__} on {', '.join(in_use) or '?'}", file=sys.stderr, flush=True)
 
-    options = _loop_options(args, manifest, clip_length)
+    options = manifest.loop_options(clip_length, args.stages)
+    make_linker = _make_linker(args, manifest)
     outputs = Outputs(args, info, manifest)
     status = out_mod.StatusLine()
     stopped = {"signal": None}
@@ -273,7 +278,7 @@ def _run(args, manifest, source, clip_length):
     written = {}
     try:
         frames = iter(source) if not args.max_frames else islice(iter(source), args.max_frames)
-        for result in run_clips(backend, frames, options):
+        for result in run_clips(backend, frames, options, make_linker() if make_linker else None):
             if not outputs.add(result):
                 source.stop()
             if (result.index + 1) % clip_length == 0:

@@ -278,3 +278,46 @@ def test_bad_input_is_one_line(exported, tmp_path):
         assert r.stderr.startswith("evis calibrate: error: ") and r.stderr.count("\n") == 1, r.stderr
         assert message in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "q" / "manifest.json")
+
+
+def test_entropy_calibration_clips_a_long_tail_that_minmax_keeps(tmp_path):
+    """Entropy (KL over 2048-bin histograms) puts the activation range inside a long-tailed
+    distribution, MinMax at its largest value; the weights' per-channel scales are the same."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 8])],
+        [numpy_helper.from_array(weight, "w")])
+    src = str(tmp_path / "matmul.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    batches = []
+    for _ in range(8):
+        x = rng.laplace(scale=1.0, size=(64, 16)).astype(np.float32)
+        x[0, 0] = 60.0  # a rare outlier far out in the tail
+        batches.append({"x": x})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rewind()
+
+        def get_next(self):
+            return next(self.it, None)
+
+        def rewind(self):
+            self.it = iter(batches)
+
+    scales = {}
+    for method in ("minmax", "entropy"):
+        dst = str(tmp_path / f"{method}.onnx")
+        info = Q.quantize_graph(src, dst, Reader(), method=method)
+        model = onnx.load(dst)
+        scales[method] = Q.activation_scales(model)
+        assert not Q.check_qdq(model)
+        assert (info["entropy_ranges"] > 0) == (method == "entropy")
+    assert scales["minmax"]["x"] == pytest.approx(60.0 / 127, rel=1e-5)  # symmetric, the largest |x|
+    assert 3.0 / 127 < scales["entropy"]["x"] < 30.0 / 127  # inside the tail, not at the outlier

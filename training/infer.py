@@ -16,7 +16,7 @@ import torch
 from efficientvis.errors import UserError
 from efficientvis.runtime.clip_loop import LoopOptions
 from efficientvis.runtime.dataset import check_class_names, run_dataset
-from efficientvis.runtime.linking import HandcraftedLinker
+from efficientvis.runtime.linking import linker_factory
 from efficientvis.training import checkpoint
 from efficientvis.training.model import build_model
 from efficientvis.ytvis import format as ytvis_format
@@ -58,14 +58,11 @@ def infer_dataset(model, cfg, gt, image_root, out_path, device, progress=True, c
     """Every video of `gt` (a format.Dataset) -> results JSON at out_path, written video by video."""
     backend = TorchBackend(model, device)
     options = loop_options(cfg)
-    if cfg.infer.linking not in ("e2e", "handcrafted"):
-        raise UserError(f"infer.linking must be e2e or handcrafted, got {cfg.infer.linking!r}")
+    make_linker = linker_factory(cfg.infer.linking, backend.num_queries, cfg.infer.background_threshold)
     category_ids = category_ids or gt.category_ids
     if len(category_ids) != cfg.model.num_classes:
         raise UserError(f"the model has {cfg.model.num_classes} classes, the annotations "
                         f"{len(category_ids)} categories")
-    make_linker = ((lambda: HandcraftedLinker(backend.num_queries)) if cfg.infer.linking == "handcrafted"
-                   else None)
     return run_dataset(backend, gt, image_root, options, out_path, cfg.model.num_classes, category_ids,
                        cfg.infer.top_k, make_linker, progress)
 

@@ -23,6 +23,7 @@ either absent or complete) and removes the partial file. If the process dies, `r
 turns what the partial file holds (every finished video) into a valid results file.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -91,14 +92,13 @@ def video_results(video_id, masks, class_probs, category_ids, top_k: int = 10) -
             n_tracks, length)
 
     shown = np.flatnonzero(visible.any(axis=1))
-    if len(shown) == 0 or top_k <= 0:
+    if len(shown) == 0:
         return []
-    scores = np.stack([probs[k][visible[k]].mean(axis=0) for k in shown])  # (K', C)
-    order = np.argsort(-scores.ravel(), kind="stable")[:top_k]
+    # the mean over visible frames, as a sum / count like runtime/collect.py (same float64 rounding)
+    scores = np.stack([probs[k][visible[k]].sum(axis=0) / visible[k].sum() for k in shown])  # (K', C)
     encoded = {}
     out = []
-    for flat in order:
-        row, c = divmod(int(flat), n_classes)
+    for row, c in rank_tracks(scores, top_k):
         k = int(shown[row])
         if k not in encoded:
             encoded[k] = _encode_track(masks[k]) if rles is None else rles[k]
@@ -107,14 +107,26 @@ def video_results(video_id, masks, class_probs, category_ids, top_k: int = 10) -
     return out
 
 
-def write_json_atomic(path: str, obj, indent=None) -> None:
-    """Write JSON to `path` through a temporary file in the same folder + os.replace."""
+def rank_tracks(scores, top_k: int = 10) -> list:
+    """(tracks, C) class scores -> the top_k (track row, class index) pairs by score, best first;
+    ties: lower track row first, then lower class index (steps 3 of the scoring rule)."""
+    scores = np.asarray(scores)
+    if scores.size == 0 or top_k <= 0:
+        return []
+    order = np.argsort(-scores.ravel(), kind="stable")[:top_k]
+    return [divmod(int(flat), scores.shape[1]) for flat in order]
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A text file to write at `path` through a temporary file in the same folder + fsync +
+    os.replace: `path` is either left as it was or complete, never half written."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -124,37 +136,56 @@ def write_json_atomic(path: str, obj, indent=None) -> None:
         raise
 
 
-def read_partial(partial_path: str) -> list:
-    """[(video_id, results)] of every complete line of a partial file; a torn last line (the write
-    the crash cut off) is dropped."""
+def write_json_atomic(path: str, obj, indent=None) -> None:
+    """Write JSON to `path` atomically (atomic_file)."""
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=indent)
+
+
+_LINE_START = '{"video_id": '
+_RESULTS_START = ', "results": ['
+_LINE_END = "]}\n"
+
+
+def _video_lines(partial_path: str):
+    """Yield (video_id, the text of its results list without the brackets) for every complete line
+    of a partial file, one line in memory at a time; a torn last line (the write the crash cut off:
+    no newline) is dropped."""
     if not os.path.isfile(partial_path):
         raise UserError(f"partial results file not found: {partial_path}")
     with open(partial_path) as f:
-        lines = f.read().split("\n")
-    videos = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            videos.append((entry["video_id"], entry["results"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            if n == len(lines) - 1:  # the write of the last video was cut off: that video is lost
-                break
-            raise UserError(f"{partial_path}: line {n + 1} is not a video's results") from None
-    return videos
+        for n, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                return  # the write of the last video was cut off: that video is lost
+            if not line.strip():
+                continue
+            split = line.find(_RESULTS_START)
+            if not (line.startswith(_LINE_START) and split > 0 and line.endswith(_LINE_END)):
+                raise UserError(f"{partial_path}: line {n} is not a video's results")
+            try:
+                video_id = json.loads(line[len(_LINE_START):split])
+            except json.JSONDecodeError:
+                raise UserError(f"{partial_path}: line {n} is not a video's results") from None
+            yield video_id, line[split + len(_RESULTS_START):-len(_LINE_END)]
 
 
 def recover(partial_path: str, path: str = None, remove: bool = True) -> str:
     """Turn a partial file into a results JSON list at `path` (default: the partial path without
-    '.partial'), written atomically. Returns `path`."""
+    '.partial'), written atomically and streamed (one video's results in memory at a time).
+    Returns `path`."""
     if path is None:
         if not partial_path.endswith(PARTIAL_SUFFIX):
             raise UserError(f"{partial_path}: give the output path (name does not end in "
                             f"{PARTIAL_SUFFIX})")
         path = partial_path[:-len(PARTIAL_SUFFIX)]
-    results = [r for _, video in read_partial(partial_path) for r in video]
-    write_json_atomic(path, results)
+    with atomic_file(path) as f:
+        f.write("[")
+        first = True
+        for _, text in _video_lines(partial_path):
+            if text:
+                f.write(text if first else ", " + text)
+                first = False
+        f.write("]")
     if remove:
         os.remove(partial_path)
     return path
@@ -175,13 +206,27 @@ class ResultsWriter:
         self.videos = 0
         self.results = 0
 
-    def add(self, video_id, results: list) -> None:
-        """Append the results of one finished video (possibly none) and flush them to disk."""
-        self._file.write(json.dumps({"video_id": video_id, "results": results}) + "\n")
+    def add(self, video_id, results) -> None:
+        """Append the results of one finished video (a list or an iterator of entries, written one
+        by one as they come; possibly none) and flush them to disk. The video's line is complete,
+        and so part of the results, only once its last entry is written."""
+        start = self._file.tell()
+        count = 0
+        try:
+            self._file.write(_LINE_START + json.dumps(video_id) + _RESULTS_START)
+            for entry in results:
+                self._file.write((", " if count else "") + json.dumps(entry))
+                entry = None  # noqa: F841 - released before the next entry is made (long videos)
+                count += 1
+            self._file.write(_LINE_END)
+        except BaseException:  # no half line: the file ends with the last complete video
+            self._file.seek(start)
+            self._file.truncate()
+            raise
         self._file.flush()
         os.fsync(self._file.fileno())
         self.videos += 1
-        self.results += len(results)
+        self.results += count
 
     def close(self) -> str:
         """Write the final results JSON list to `path` and remove the partial file."""
