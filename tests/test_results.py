@@ -108,6 +108,9 @@ def test_round_trip_writer_file_evaluate(tmp_path):
             writer.add(vid, video_results(vid, masks, probs, list(range(1, n_cats + 1))))
             assert os.path.exists(str(path) + ".partial") and not path.exists()
     assert not os.path.exists(str(path) + ".partial")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
     results = json.loads(path.read_text())
     for r in results:
         video = gt.videos[r["video_id"]]
