@@ -26,7 +26,7 @@ Default exclusions (`select_exclusions`), each a node name with its reason:
   shared queries to `class_logits` / the box deltas of `proposals`: cheap N x T x C layers whose
   error goes straight into scores and into the boxes the next stage pools from -- measured: the
   box MLP alone moved mask logits by 60-80 % of their range through the RoI shift) and the mask
-  predictor (last layer before `mask_logits`; the mask head's 3x3 convs, most of a stage's
+  predictor (last layer before the mask logits, whose sigmoid is `mask_probs`; the mask head's 3x3 convs, most of a stage's
   compute, stay INT8: each moved the masks by < 1 %).
 Default op types quantized: Conv, ConvTranspose, Gemm, MatMul (weighted layers: where INT8
 kernels exist in TensorRT and ONNX Runtime); their outputs are quantized too, as ONNX Runtime
@@ -50,7 +50,7 @@ DEFAULT_METHOD = "minmax"
 DEFAULT_EXCLUDED_OP_TYPES = ("RoiAlign", "GridSample", "Softmax", "LayerNormalization")
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-HEAD_OUTPUTS = ("class_logits", "mask_logits", "proposals")
+HEAD_OUTPUTS = ("class_logits", "mask_probs", "proposals")
 BRANCH_OUTPUTS = ("class_logits", "proposals")  # small MLPs: excluded whole
 _BRANCH_OPS = {"Relu", "LayerNormalization", "Gelu", "Sigmoid"}
 # ops an output head's value passes through between its weighted layer and the graph output

@@ -24,7 +24,7 @@ Per iteration (warm-up iterations are not counted), the parts are timed separate
     fused_graph  model.onnx (ort-*-fused rows, where MODEL_DIR has it): backbone + all M stages
     backend      a TensorRT engine folder, timed as a whole
     outputs_to_host  last stage's outputs to numpy (device copies on a GPU)
-    postprocess  sigmoid, boxes to source pixels, slot tracker, masks pasted at source resolution
+    postprocess  class sigmoid, boxes to source pixels, slot tracker, masks pasted at source resolution
                  (the steps of runtime/clip_loop.run_clips after the backend)
     model        wall time of the backend's part (backbone + stages, host copies included)
     clip         preprocess + model + postprocess (end to end)
@@ -356,7 +356,7 @@ class TorchRunner:
             t0 = time.perf_counter()
             self.queries = res[4]
             out = {"class_logits": res[2].float().cpu().numpy(), "boxes": res[1].float().cpu().numpy(),
-                   "mask_logits": res[3].float().cpu().numpy()}
+                   "mask_probs": res[3].float().cpu().numpy()}
             times["outputs_to_host"] = time.perf_counter() - t0
         return out, times
 
@@ -394,7 +394,7 @@ class OrtRunner:
                 times[f"stage_{k}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         b.queries = out["next_queries"]
-        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_logits": out["mask_logits"]}
+        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
         host = {k: v.numpy() if b.on_device else v for k, v in host.items()}
         times["outputs_to_host"] = time.perf_counter() - t0
         return host, times
@@ -423,7 +423,7 @@ def postprocess(out, input_hw, source_hw, tracker):
     probs = sigmoid(out["class_logits"])
     height, width = source_hw
     boxes = scale_boxes(out["boxes"], input_hw, (height, width))
-    masks = sigmoid(out["mask_logits"])
+    masks = out["mask_probs"]
     ids, _ = tracker.update(probs)
     count = 0
     for t in range(probs.shape[1]):

@@ -88,7 +88,7 @@ def graph_spec(name: str, N: int, C: int, K: int, mask_size: int) -> tuple[list,
     init_queries = {"name": "init_queries", "dtype": "float32", "shape": [N, C]}
     image_size = {"name": "image_size", "dtype": "float32", "shape": [2]}
     out = {"queries": [N, "T", C], "proposals": [N, "T", 4], "class_logits": [N, "T", K],
-           "mask_logits": [N, "T", mask_size, mask_size], "next_queries": [N, C]}
+           "mask_probs": [N, "T", mask_size, mask_size], "next_queries": [N, C]}
     features = [feature(i) for i in range(4)]
     inputs, outputs = G.graph_io_names(name)
     if name == "backbone":

@@ -6,7 +6,8 @@ the model's own modules, so the graphs compute exactly what `EfficientVIS.forwar
 - `BackboneGraph`:  frames uint8 (T, 3, H, W) -> p2, p3, p4, p5, each (T, C, ceil(H/s), ceil(W/s)).
   `EfficientVIS.features` (normalisation inside the backbone).
 - `FirstStageGraph`: p2..p5, init_queries (N, C), image_size (2,) = (H, W) float32 ->
-  queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), mask_logits (N, T, 2S, 2S) (S = mask_pooler_size),
+  queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), mask_probs (N, T, 2S, 2S) (S = mask_pooler_size;
+  sigmoid of the mask logits: bounded values that float32/FP16 carry with uniform precision),
   next_queries (N, C). The clip-start queries and the learned proposals are built by
   `EfficientVIS.initial_queries` / `EfficientVIS.initial_proposals` (T taken from the features).
 - `StageGraph(k)`, k >= 1: p2..p5, queries_in (N, T, C), proposals_in (N, T, 4) -> the same outputs.
@@ -21,8 +22,8 @@ from efficientvis.training.model import EfficientVIS
 
 FEATURES = ("p2", "p3", "p4", "p5")
 STRIDES = (4, 8, 16, 32)
-STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_logits", "next_queries")
-FUSED_OUTPUTS = ("class_logits", "proposals", "mask_logits", "next_queries")
+STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_probs", "next_queries")
+FUSED_OUTPUTS = ("class_logits", "proposals", "mask_probs", "next_queries")
 BACKBONE_INPUTS = ("frames",)
 FIRST_STAGE_INPUTS = FEATURES + ("init_queries", "image_size")
 STAGE_INPUTS = FEATURES + ("queries_in", "proposals_in")
@@ -32,7 +33,7 @@ FUSED_INPUTS = ("frames", "init_queries", "image_size")
 def _stage_outputs(out):
     """One iteration's outputs (B=1) -> the graph's outputs, batch axis removed."""
     queries = out["queries"][0]  # (N, T, C)
-    return (queries, out["boxes"][0], out["class_logits"][0], out["mask_logits"][0],
+    return (queries, out["boxes"][0], out["class_logits"][0], out["mask_logits"][0].sigmoid(),
             queries.mean(1))  # next_queries (N, C): as EfficientVIS.forward's queries.mean(2)
 
 

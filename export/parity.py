@@ -19,12 +19,12 @@ their metadata) where `import tensorrt` works. The reference is the checkpoint i
    computed by PyTorch; clip c > 0 starts from PyTorch's `next_queries` of clip c - 1) and each of
    its outputs is compared with PyTorch's (`per_graph`); and the first clip through the backend's
    own clip interface (all stages chained inside the backend, q* in) is compared on the clip
-   outputs class_logits, proposals, mask_logits (`per_clip`; the only per-tensor view of a
+   outputs class_logits, proposals, mask_probs (`per_clip`; the only per-tensor view of a
    TensorRT engine). Statistics: max and mean absolute error, max relative error
    (|a - b| / max(|b|, 1e-3 max|b|)), cosine similarity, max|reference|.
    A tensor passes when max_abs <= KIND_abs + KIND_rel * max|reference| and cosine >= `cosine`,
-   KIND = logits (class_logits, mask_logits), proposals (pixel coordinates: relative bound only),
-   features (p2..p5, queries, next_queries).
+   KIND = logits (class_logits), probs (mask_probs, in 0..1: absolute bound only), proposals (pixel
+   coordinates: relative bound only), features (p2..p5, queries, next_queries).
 2. End to end (whole videos through the runtime's clip loop, queries carried across clips, slot
    resets and track ids as `evis run`): per video the backend's tracks are matched one to one to
    PyTorch's by video mask IoU (Hungarian); `track_count` = the largest |difference in the number of
@@ -40,6 +40,7 @@ one; `none` disables a check):
     key              fp32      fp16      int8
     logits_abs       1e-4      5e-2      -        per tensor: + logits_rel * max|ref|
     logits_rel       3e-5      1e-3      -        (fp32: kernel summation order, see below)
+    probs_abs        1e-4      1e-2      -        mask probabilities
     proposals_abs    0         0         -
     proposals_rel    1e-5      1e-3      -        (pixels: relative)
     features_abs     1e-4      5e-2      -
@@ -50,10 +51,12 @@ one; `none` disables a check):
     mask_iou         0.99      0.97      0.9      end to end, minimum of the mean
     ap               0.001     0.005     0.01     end to end, max |ΔAP|
 
-FP32 logits_rel is 3e-5, not 1e-5: ONNX Runtime's and PyTorch's convolution kernels add in a
-different order, and a mask logit (|value| up to ~20 on the trained tiny model) sums ~600 products
-per 3x3 conv; over the M chained stages of a clip the difference reached 1.8e-5 of max|ref|
-(3.5e-4 absolute), while per graph it stays under 1.3e-5. Real export bugs show up as errors of
+The graphs output mask probabilities (the sigmoid is inside), not mask logits. The logits of a
+trained model reach |20|, and there float32 itself is the limit: against a float64 evaluation of
+the same stage, PyTorch's float32 logits are 1.7e-4 off and ONNX Runtime's 2.2e-4, so no float32
+pair can agree to 1e-4 absolute (docs/benchmarks.md). The probabilities, what the runtime pastes
+and thresholds, agree to < 1e-4. FP32 logits_rel is 3e-5 (not 1e-5) for the same reason: the two
+libraries' convolution kernels add in a different order. Real export bugs show up as errors of
 1e-2 and more, and in the end-to-end checks.
 
 JSON (`--json`, format_version 1): {command, format_version, created, package_version, machine,
@@ -83,20 +86,20 @@ from efficientvis import __version__
 from efficientvis.errors import UserError
 
 FORMAT_VERSION = 1
-TOL_KEYS = ("logits_abs", "logits_rel", "proposals_abs", "proposals_rel", "features_abs", "features_rel",
-            "cosine", "track_count", "class_agreement", "mask_iou", "ap")
+TOL_KEYS = ("logits_abs", "logits_rel", "probs_abs", "proposals_abs", "proposals_rel", "features_abs",
+            "features_rel", "cosine", "track_count", "class_agreement", "mask_iou", "ap")
 TOLERANCES = {
-    "fp32": {"logits_abs": 1e-4, "logits_rel": 3e-5, "proposals_abs": 0.0, "proposals_rel": 1e-5,
+    "fp32": {"logits_abs": 1e-4, "logits_rel": 3e-5, "probs_abs": 1e-4, "proposals_abs": 0.0, "proposals_rel": 1e-5,
              "features_abs": 1e-4, "features_rel": 1e-5, "cosine": 0.99999,
              "track_count": 0, "class_agreement": 0.99, "mask_iou": 0.99, "ap": 0.001},
-    "fp16": {"logits_abs": 5e-2, "logits_rel": 1e-3, "proposals_abs": 0.0, "proposals_rel": 1e-3,
+    "fp16": {"logits_abs": 5e-2, "logits_rel": 1e-3, "probs_abs": 1e-2, "proposals_abs": 0.0, "proposals_rel": 1e-3,
              "features_abs": 5e-2, "features_rel": 1e-3, "cosine": 0.999,
              "track_count": 0, "class_agreement": 0.97, "mask_iou": 0.97, "ap": 0.005},
-    "int8": {"logits_abs": None, "logits_rel": None, "proposals_abs": None, "proposals_rel": None,
+    "int8": {"logits_abs": None, "logits_rel": None, "probs_abs": None, "proposals_abs": None, "proposals_rel": None,
              "features_abs": None, "features_rel": None, "cosine": 0.98,
              "track_count": 1, "class_agreement": 0.9, "mask_iou": 0.9, "ap": 0.01},
 }
-CLIP_OUTPUTS = ("class_logits", "proposals", "mask_logits")  # backend keys: boxes = proposals
+CLIP_OUTPUTS = ("class_logits", "proposals", "mask_probs")  # backend keys: boxes = proposals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +198,10 @@ def _engine_precision(engine_dir):
 # tensor statistics and checks
 
 def tensor_kind(name):
-    if name in ("class_logits", "mask_logits"):
+    if name == "class_logits":
         return "logits"
+    if name == "mask_probs":
+        return "probs"
     if name in ("proposals", "boxes", "proposals_in"):
         return "proposals"
     return "features"

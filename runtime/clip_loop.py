@@ -5,7 +5,7 @@ A backend holds the recurrent tracklet queries itself (on its device) and expose
   run_clip(frames, reset, iterations)   frames uint8 (T, 3, h, w) RGB; reset (N,) bool slots to set
                                         back to q* before this clip; returns numpy
                                         class_logits (N, T, K), boxes (N, T, 4) (input pixels),
-                                        mask_logits (N, T, S, S); the clip's time-averaged output
+                                        mask_probs (N, T, S, S); the clip's time-averaged output
                                         queries become the next clip's input queries.
   num_queries, clip_length
 Every clip's frames are emitted as soon as the clip is done (delay: one clip).
@@ -80,7 +80,7 @@ def run_clips(backend, frames, options, linker=None):
         probs = sigmoid(out["class_logits"])  # (N, T, K)
         height, width = clip[0].shape[:2]
         boxes = scale_boxes(out["boxes"], inputs.shape[-2:], (height, width))
-        masks = sigmoid(out["mask_logits"])
+        masks = out["mask_probs"]
         if linker is not None:
             ids, _ = linker.update(probs, boxes, masks, (height, width))
         else:

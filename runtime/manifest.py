@@ -7,7 +7,8 @@ json + hashlib + numpy only (no torch, no onnx): it lives in the runtime, and `e
 complete export; `load(model_dir)` reads it back and checks the sha256 of every file it lists
 (graphs, their external-data files, q*), raising a UserError that names a missing or changed file.
 
-Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 1; keys in ARCHITECTURE.md):
+Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 2; keys in ARCHITECTURE.md; version 1 graphs
+output mask logits instead of mask_probs):
 
     format, format_version, package_version, created (UTC, ISO 8601)
     opset, roi_align ("roialign" | "gridsample"), exporter {torch, onnx}
@@ -39,7 +40,7 @@ from efficientvis.errors import UserError
 from efficientvis.ytvis.results import write_json_atomic
 
 FORMAT = "efficientvis-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILENAME = "manifest.json"
 
 
@@ -175,6 +176,9 @@ def load(model_dir, verify=True) -> Manifest:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{path}: manifest format version {version!r} is newer than this runtime "
                         f"reads ({FORMAT_VERSION}); upgrade efficientvis")
+    if version < FORMAT_VERSION:
+        raise UserError(f"{path}: manifest format version {version} comes from an older evis export "
+                        f"(its graphs output mask logits, not mask_probs); export the checkpoint again")
     try:
         graphs = data["graphs"]
         if not isinstance(graphs, dict) or not graphs or \

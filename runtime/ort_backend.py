@@ -40,8 +40,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 FEATURES = ("p2", "p3", "p4", "p5")
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
-STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_logits", "next_queries")
-FUSED_OUTPUTS = ("class_logits", "proposals", "mask_logits", "next_queries")
+STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_probs", "next_queries")
+FUSED_OUTPUTS = ("class_logits", "proposals", "mask_probs", "next_queries")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,5 +257,5 @@ class OrtBackend:
                                           {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
                 out = self._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
         self.queries = out["next_queries"]  # an OrtValue on the device with IO binding
-        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_logits": out["mask_logits"]}
+        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
         return {k: v.numpy() if self.on_device else v for k, v in host.items()}

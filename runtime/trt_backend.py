@@ -304,7 +304,7 @@ class TrtBackend:
             addresses["queries_in"], shapes["queries_in"] = addresses["queries"], shapes["queries"]
             addresses["proposals_in"], shapes["proposals_in"] = addresses["proposals"], shapes["proposals"]
         result = {}
-        for key, name in (("class_logits", "class_logits"), ("boxes", "proposals"), ("mask_logits", "mask_logits")):
+        for key, name in (("class_logits", "class_logits"), ("boxes", "proposals"), ("mask_probs", "mask_probs")):
             host = np.empty(shapes[name], engine.dtypes[name])
             self.cuda.dtoh(host, addresses[name], self.stream)
             result[key] = host

@@ -116,7 +116,7 @@ def test_exclusions_respected(calibrated):
         reasons = set(excluded.values())
         if g != "backbone":
             assert "attention MatMul (Softmax)" in reasons
-            assert {"output head (class_logits)", "output head (mask_logits)", "output head (proposals)"} <= reasons
+            assert {"output head (class_logits)", "output head (mask_probs)", "output head (proposals)"} <= reasons
         quantized_convs = 0
         for node in model.graph.node:
             inputs_dq = [producer.get(i) for i in node.input]
@@ -167,7 +167,7 @@ def test_qdq_stays_close_to_fp32_on_the_same_clips(exported, calibrated):
         frames = rng.integers(0, 256, (T, 3, 64, 112), dtype=np.uint8)
         reset = np.zeros(4, bool)
         ref, got, got2 = (b.run_clip(frames, reset) for b in (fp32, int8, alone))
-        for key in ("class_logits", "boxes", "mask_logits"):
+        for key in ("class_logits", "boxes", "mask_probs"):
             assert got[key].shape == ref[key].shape and np.array_equal(got[key], got2[key])
         probs = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
         assert np.abs(probs(got["class_logits"]) - probs(ref["class_logits"])).max() < 0.2

@@ -185,7 +185,7 @@ def model_dir(tmp_path):
         graphs[name] = {**manifest_lib.file_entry(str(d), f"{name}.onnx"), "inputs": inputs, "outputs": outputs}
     np.save(d / "initial_queries.npy", np.zeros((N, C), np.float32))
     manifest_lib.write(str(d), {
-        "format": manifest_lib.FORMAT, "format_version": 1, "T": 6, "N": N, "C": C, "M": 2, "K": 2,
+        "format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "T": 6, "N": N, "C": C, "M": 2, "K": 2,
         "class_names": ["a", "b"], "category_ids": [1, 2], "preprocessing": {"test_size": 192, "max_size": 480},
         "dynamic_axes": AXES, "stages": ["stage_0", "stage_1"], "graphs": graphs,
         "initial_queries": {**manifest_lib.file_entry(str(d), "initial_queries.npy"), "dtype": "float32", "shape": [N, C]}})

@@ -92,7 +92,7 @@ def exported_gs(checkpoint_path, model, tmp_path_factory):
     spec = E.graph_spec("stage_0", cfg.num_queries, cfg.hidden_dim, cfg.num_classes, 28)
     proto = E.export_graph(model, "stage_0", "gridsample", 17, axes, cfg.clip_length, spec, torch)
     entry = E.save_graph(proto, out, "stage_0.onnx")
-    data = {"format": manifest_lib.FORMAT, "format_version": 1, "roi_align": "gridsample",
+    data = {"format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "roi_align": "gridsample",
             "T": cfg.clip_length, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
             "class_names": [f"c{k}" for k in range(cfg.num_classes)],
             "category_ids": list(range(1, cfg.num_classes + 1)),
@@ -144,7 +144,7 @@ def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs
             errors[f"{name}.{out}"] = err
             assert err <= tolerance(out, ref[name][out], rel=5e-6 if name == "model" else 2e-6), \
                 (name, out, err)
-    assert ref["stage_0"]["mask_logits"].shape == (4, T, 28, 28)
+    assert ref["stage_0"]["mask_probs"].shape == (4, T, 28, 28)
     assert ref["stage_0"]["next_queries"].shape == (4, 32)
     print(f"\n{form} T={T} {H}x{W}: " + json.dumps({k: f"{v:.1e}" for k, v in errors.items()}))
 
@@ -157,7 +157,7 @@ def test_gridsample_form_close_to_roialign_kernel(model, exported_gs):
                                    model.init_queries.weight.detach().numpy(), "roialign")
     for name in ("stage_0",):
         got = run_graph(exported_gs[0], name, feeds[name])
-        for out in ("queries", "class_logits", "mask_logits", "next_queries"):
+        for out in ("queries", "class_logits", "mask_probs", "next_queries"):
             assert np.abs(got[out] - ref[name][out]).max() <= 1e-3, (name, out)
 
 
@@ -197,10 +197,10 @@ def test_graph_interface_names_and_shapes(exported):
                     + [("queries_in", 1, [4, "T", 32]), ("proposals_in", 1, [4, "T", 4])], None),
         "model": ([("frames", 2, ["T", 3, "H", "W"]), ("init_queries", 1, [4, 32]), ("image_size", 1, [2])],
                   [("class_logits", 1, [4, "T", 3]), ("proposals", 1, [4, "T", 4]),
-                   ("mask_logits", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]),
+                   ("mask_probs", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]),
     }
     stage_out = [("queries", 1, [4, "T", 32]), ("proposals", 1, [4, "T", 4]), ("class_logits", 1, [4, "T", 3]),
-                 ("mask_logits", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]
+                 ("mask_probs", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]
     for name, (inputs, outputs) in expect.items():
         m = onnx.load(os.path.join(model_dir, f"{name}.onnx"))
         got_in = [(v.name, v.type.tensor_type.elem_type, _dims(v)) for v in m.graph.input]
@@ -262,7 +262,7 @@ def test_manifest_content(exported, model):
     with open(os.path.join(model_dir, "manifest.json")) as f:
         on_disk = json.load(f)
     assert on_disk == data
-    assert data["format"] == manifest_lib.FORMAT and data["format_version"] == 1
+    assert data["format"] == manifest_lib.FORMAT and data["format_version"] == manifest_lib.FORMAT_VERSION
     assert (data["T"], data["N"], data["C"], data["M"], data["K"], data["mask_size"]) == (4, 4, 32, 2, 3, 28)
     assert data["opset"] == 17 and data["roi_align"] == "roialign"
     assert data["class_names"] == CLASSES and data["category_ids"] == [1, 2, 3]
@@ -312,6 +312,13 @@ def test_manifest_load_verifies_every_file(exported, tmp_path):
     with pytest.raises(UserError, match=r"initial_queries\.npy: missing"):
         manifest_lib.load(copy)
     assert evis(["check", copy]) == 1  # the check reads the manifest too
+    for version, message in ((1, "older evis export .* export the checkpoint again"), (99, "newer than")):
+        data = json.load(open(os.path.join(exported[0], "manifest.json")))
+        data["format_version"] = version
+        with open(os.path.join(copy, "manifest.json"), "w") as f:
+            json.dump(data, f)
+        with pytest.raises(UserError, match=message):
+            manifest_lib.load(copy, verify=False)
 
 
 def test_manifest_module_imports_neither_torch_nor_onnx():

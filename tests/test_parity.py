@@ -135,7 +135,7 @@ def test_parity_fp32_passes_with_documented_json(tiny, tmp_path, capsys):
     per_graph = fp32["per_tensor"]["per_graph"]
     assert set(per_graph) == {"backbone", "stage_0", "stage_1"}
     assert set(per_graph["backbone"]) == {"p2", "p3", "p4", "p5"}
-    assert set(per_graph["stage_1"]) == {"queries", "proposals", "class_logits", "mask_logits", "next_queries"}
+    assert set(per_graph["stage_1"]) == {"queries", "proposals", "class_logits", "mask_probs", "next_queries"}
     for stats in list(per_graph["stage_0"].values()) + list(fp32["per_tensor"]["per_clip"].values()):
         assert STATS_KEYS <= set(stats) and stats["passed"]
     assert per_graph["stage_0"]["class_logits"]["max_abs"] <= 1e-4

@@ -126,7 +126,7 @@ def test_ort_backend_matches_pytorch_per_clip(exported):
             reset[[1, 3]] = True
         ref = torch_b.run_clip(frames, reset)
         got = ort_b.run_clip(frames, reset)
-        for key in ("class_logits", "boxes", "mask_logits"):
+        for key in ("class_logits", "boxes", "mask_probs"):
             assert got[key].shape == ref[key].shape and got[key].dtype == np.float32
             # boxes are pixels (values up to ~10^2..10^3): 1e-4 absolute plus float32 relative slack
             errors[key] = max(errors.get(key, 0), _assert_close(got[key], ref[key], key))

@@ -44,7 +44,9 @@ class TorchBackend:
         out = self.model(x, init_queries=self.queries, num_iterations=num_iterations)
         self.queries = out["next_queries"]
         last = out["stages"][-1]
-        return {k: last[k][0].float().cpu().numpy() for k in ("class_logits", "boxes", "mask_logits")}
+        return {"class_logits": last["class_logits"][0].float().cpu().numpy(),
+                "boxes": last["boxes"][0].float().cpu().numpy(),
+                "mask_probs": last["mask_logits"][0].float().sigmoid().cpu().numpy()}
 
 
 def loop_options(cfg):
