@@ -37,6 +37,7 @@ quantizes every op type ONNX Runtime can, with no exclusion (the comparison poin
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections import Counter
@@ -265,7 +266,8 @@ def entropy_ranges(src, reader, op_types, work_dir) -> dict:
                                                   "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
     try:
         calibrator.collect_data(reader)
-        data = calibrator.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its bin counts per graph
+            data = calibrator.compute_data()
     finally:
         del calibrator
         leftover = os.path.join(work_dir, "augmented_entropy.onnx")
