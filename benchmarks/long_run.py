@@ -26,6 +26,8 @@ import time
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from efficientvis.runtime.linking import LINKING
+
 
 def rss_mb(pid):
     try:
@@ -167,7 +169,7 @@ def main(argv=None):
     p.add_argument("--interval", type=float, default=0.5, help="memory sampling period (s)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-results", action="store_true", help="evis run --no-results: no results.json")
-    p.add_argument("--linking", choices=["e2e", "handcrafted"], help="evis run --linking")
+    p.add_argument("--linking", choices=LINKING, help="evis run --linking")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)

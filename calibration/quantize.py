@@ -4,9 +4,8 @@
 QuantFormat.QDQ, QInt8 activations and weights, per-channel weights, symmetric activations and
 weights (`ActivationSymmetric`, `WeightSymmetric`: zero point 0, the only one TensorRT accepts),
 float biases (`QuantizeBias=False`: TensorRT's DequantizeLinear takes INT8, not the INT32 a
-quantized bias would need), calibration MinMax | Entropy (KL divergence over 2048-bin histograms,
-`entropy_ranges`, as TensorRT's entropy calibrator) | Percentile (99.999) over recorded inputs
-(calibration/data.py). Then three fixes on ONNX Runtime's output:
+quantized bias would need), calibration MinMax | Entropy (KL divergence, with TensorRT's histogram
+resolution: `entropy_cache`) | Percentile (99.999) over recorded inputs (calibration/data.py). Then three fixes on ONNX Runtime's output:
 
 - graph outputs are the float tensors again (`float_graph_outputs`): ONNX Runtime makes a
   quantized graph output the DequantizeLinear of it, so the features p2..p5 handed to the stages
@@ -61,8 +60,11 @@ _PASS_THROUGH = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Fl
 # ops between an attention-score MatMul and its Softmax (scaling, masking, layout)
 _SCORE_OPS = {"Mul", "Div", "Add", "Where", "Reshape", "Transpose", "Cast", "Identity", "Dropout"}
 PERCENTILE = 99.999
-ENTROPY_BINS = 2048  # histogram bins of the entropy calibration (TensorRT's calibrator uses 2048)
-ENTROPY_QUANTIZED_BINS = 128  # int8 symmetric: 128 levels on each side
+# Entropy calibration: ONNX Runtime's histogram spans [-t, t] and its KL search squeezes a
+# two-sided slice into the quantized bins, so TensorRT's 2048 bins over |x| into 128 levels read
+# here as 4096 bins into 255 levels (int8 symmetric: -127..127).
+ENTROPY_BINS = 4096
+ENTROPY_QUANTIZED_BINS = 255
 RENAMED_OUTPUT = "_QuantizeLinear_Input"  # ONNX Runtime's name for a quantized graph output's source
 
 
@@ -253,28 +255,36 @@ def _quiet_logging():
         root.setLevel(level)
 
 
-def entropy_ranges(src, reader, op_types, work_dir) -> dict:
-    """{tensor: (rmin, rmax)} from ONNX Runtime's entropy (KL) calibrator run with ENTROPY_BINS
-    histogram bins. quantize_static builds that calibrator with 128 bins for 128 quantized bins, so
-    the KL search has one candidate (the full range, = MinMax); the ranges computed here go to
-    quantize_static as TensorQuantOverrides instead."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator
+def entropy_cache(src, reader, op_types, cache_path) -> int:
+    """Run ONNX Runtime's entropy (KL) calibrator with ENTROPY_BINS / ENTROPY_QUANTIZED_BINS over
+    `reader` and save its ranges as a calibration cache (`save_tensors_data`) for quantize_static
+    to use. quantize_static builds that calibrator itself with 128 bins for 128 quantized bins and
+    takes no bin count, so its KL search had one candidate: the full range, as MinMax. Returns the
+    number of tensors calibrated."""
+    import inspect
 
-    calibrator = create_calibrator(src, op_types, augmented_model_path=os.path.join(work_dir, "augmented_entropy.onnx"),
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise UserError("--method entropy needs an onnxruntime whose quantize_static takes "
+                        "calibration_cache_path (1.32 is tested); use minmax or percentile")
+    augmented = cache_path + ".augmented.onnx"
+    calibrator = create_calibrator(src, op_types, augmented_model_path=augmented,
                                    calibrate_method=CalibrationMethod.Entropy,
                                    extra_options={"symmetric": True, "num_bins": ENTROPY_BINS,
                                                   "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
     try:
-        calibrator.collect_data(reader)
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints its bin counts per graph
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress and bin counts
+            calibrator.collect_data(reader)
             data = calibrator.compute_data()
     finally:
         del calibrator
-        leftover = os.path.join(work_dir, "augmented_entropy.onnx")
-        if os.path.exists(leftover):
-            os.unlink(leftover)
+        if os.path.exists(augmented):
+            os.unlink(augmented)
     reader.rewind()
-    return {name: tuple(float(v) for v in np.asarray(t.range_value).ravel()[:2]) for name, t in data.items()}
+    save_tensors_data(data, cache_path)
+    return len(data.data)
 
 
 def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), quantize_all=False,
@@ -289,19 +299,18 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), quantiz
     # memory is bounded with shorter clips instead (evis calibrate --clip-length).
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
-    calibrate = method
-    ranges = {}
-    if method == "entropy":
-        ranges = entropy_ranges(src, reader, None if quantize_all else list(op_types), os.path.dirname(dst) or ".")
-        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                         for name, (lo, hi) in ranges.items()}
-        calibrate = "minmax"  # the pass that finds the tensors; their ranges are the overrides
     tmp = dst + ".tmp"
+    cache = {}
+    entropy_tensors = 0
+    if method == "entropy":
+        cache["calibration_cache_path"] = dst + ".entropy.json"
+        entropy_tensors = entropy_cache(src, reader, None if quantize_all else list(op_types),
+                                        cache["calibration_cache_path"])
     try:
         with _quiet_logging():
-            quantize_static(src, tmp, reader, quant_format=QuantFormat.QDQ,
+            quantize_static(src, tmp, reader, quant_format=QuantFormat.QDQ, **cache,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            per_channel=per_channel, calibrate_method=_method(calibrate),
+                            per_channel=per_channel, calibrate_method=_method(method),
                             nodes_to_exclude=list(excluded),
                             op_types_to_quantize=None if quantize_all else list(op_types),
                             extra_options=extra)
@@ -309,7 +318,8 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), quantiz
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        for leftover in (tmp + ".data", os.path.join(os.path.dirname(dst) or ".", "augmented_model.onnx")):
+        for leftover in (tmp + ".data", os.path.join(os.path.dirname(dst) or ".", "augmented_model.onnx"),
+                         *cache.values()):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     outputs = float_graph_outputs(model)
@@ -321,7 +331,7 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), quantiz
     onnx.checker.check_model(model)
     onnx.save(model, dst)
     return {"nodes": len(model.graph.node), "rewired_inputs": rewired, "float_outputs": outputs,
-            "entropy_ranges": len(ranges),
+            "entropy_tensors": entropy_tensors,
             "qdq": dict(Counter(n.op_type for n in model.graph.node
                                 if n.op_type in ("QuantizeLinear", "DequantizeLinear")))}
 

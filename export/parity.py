@@ -473,11 +473,17 @@ def run_videos(backend, gt, image_root, options, frames_cache):
     return out
 
 
-def video_results(collectors, gt, top_k):
-    results = []
+def summarise_runs(collectors, gt, top_k):
+    """{video id: TrackCollector} -> ({video id: track_summary}, results list); the collectors
+    are closed."""
+    tracks, results = {}, []
     for vid, collector in collectors.items():
-        results += list(collector.results(vid, gt.category_ids, top_k))
-    return results
+        try:
+            tracks[vid] = track_summary(collector)
+            results += list(collector.results(vid, gt.category_ids, top_k))
+        finally:
+            collector.close()
+    return tracks, results
 
 
 def results_track_summaries(gt, results, path):
@@ -727,8 +733,9 @@ def run(args) -> int:
     clips = _first_clips(gt, image_root, options, args.clips) if args.clips else []
     frames_cache = {}
     print(f"evis parity: PyTorch reference over {len(gt.videos)} video(s) ...", file=sys.stderr, flush=True)
-    ref_cols = run_videos(reference, gt, image_root, options, frames_cache)
-    ref_metrics = evaluate(gt, video_results(ref_cols, gt, top_k))
+    ref_tracks, ref_results = summarise_runs(run_videos(reference, gt, image_root, options, frames_cache),
+                                             gt, top_k)
+    ref_metrics = evaluate(gt, ref_results)
 
     backends = []
     for spec in specs:
@@ -757,11 +764,9 @@ def run(args) -> int:
                 for name, stats in per_clip.items():
                     checks += [(f"per_clip.{name}.{c[0]}", *c[1:]) for c in judge_tensor(stats, name, ptol)]
             entry["per_tensor"] = per_tensor
-            got_cols = run_videos(backend, gt, image_root, options, frames_cache)
-            entry["end_to_end"] = e2e = end_to_end(
-                {v: track_summary(c) for v, c in ref_cols.items()},
-                {v: track_summary(c) for v, c in got_cols.items()},
-                gt, video_results(got_cols, gt, top_k), ref_metrics)
+            got_tracks, got_results = summarise_runs(run_videos(backend, gt, image_root, options, frames_cache),
+                                                     gt, top_k)
+            entry["end_to_end"] = e2e = end_to_end(ref_tracks, got_tracks, gt, got_results, ref_metrics)
             checks += [(f"end_to_end.{c[0]}", *c[1:]) for c in judge_end_to_end(e2e, ptol)]
             entry["checks"] = [{"check": c[0], "value": c[1], "limit": c[2], "op": c[3], "passed": bool(c[4])}
                                for c in checks]

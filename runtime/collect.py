@@ -60,11 +60,13 @@ class TrackCollector:
         self._spool.seek(0)
         wanted = str(track_id)
         out = {}
-        for line in self._spool:
-            t, k, counts = line.split(" ", 2)
-            if k == wanted:
-                out[int(t)] = {"size": self.size, "counts": counts[:-1]}
-        self._spool.seek(0, 2)  # back to the end for further add()
+        try:
+            for line in self._spool:
+                t, k, counts = line.split(" ", 2)
+                if k == wanted:
+                    out[int(t)] = {"size": self.size, "counts": counts[:-1]}
+        finally:
+            self._spool.seek(0, 2)  # back to the end for further add()
         return out
 
     def _segmentations(self, track_id, length):

@@ -58,6 +58,8 @@ def run_dataset(backend, gt, image_root, options, out_path, num_classes, categor
             linker = make_linker() if make_linker else None
             collector = run_video(backend, video_frames(video, image_root), video.length, options,
                                   num_classes, linker)
-            writer.add(video.id, collector.results(video.id, category_ids, top_k))
-            collector.close()
+            try:
+                writer.add(video.id, collector.results(video.id, category_ids, top_k))
+            finally:
+                collector.close()
     return out_path

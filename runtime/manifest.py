@@ -96,8 +96,8 @@ class Manifest:
         return list(self.data.get("stages", []))
 
     def loop_options(self, clip_length=0, num_iterations=None):
-        """The clip loop's settings from the manifest (T, input size, infer{}), T and the number
-        of stages overridable (0: the manifest's)."""
+        """The clip loop's settings from the manifest (T, input size, infer{}). clip_length 0: the
+        manifest's T; num_iterations None: the manifest's infer.num_iterations, 0: all stages."""
         from efficientvis.runtime.clip_loop import LoopOptions
         if num_iterations is None:
             num_iterations = int(self.infer.get("num_iterations") or 0)
@@ -178,7 +178,8 @@ def load(model_dir, verify=True) -> Manifest:
                         f"reads ({FORMAT_VERSION}); upgrade efficientvis")
     if version < FORMAT_VERSION:
         raise UserError(f"{path}: manifest format version {version} comes from an older evis export "
-                        f"(its graphs output mask logits, not mask_probs); export the checkpoint again")
+                        f"(its graphs output mask logits, not mask_probs); export the checkpoint again, then "
+                        f"calibrate and build engines from the new export")
     try:
         graphs = data["graphs"]
         if not isinstance(graphs, dict) or not graphs or \

@@ -7,7 +7,7 @@ sha256 (a changed or truncated file is a UserError naming it), torch-free.
 
 `OrtBackend` creates its sessions once. Per clip: backbone -> stage_0 (init_queries = the recurrent
 queries, image_size) -> stage_1 .. stage_{K-1} (queries/proposals of the previous stage) ->
-the class logits, boxes and mask logits of stage K-1; its `next_queries` start the next clip.
+the class logits, boxes and mask probabilities of stage K-1; its `next_queries` start the next clip.
 K = all M stages, or fewer (anytime inference: every stage outputs next_queries). The fused
 `model.onnx` (one call per clip, always all M stages) is used when it is the only graph there or
 when asked for (`fused=True`).
@@ -21,7 +21,7 @@ GPU provider that fell back to CPU is reported on stderr once.
 On a GPU provider the backend uses IO binding: the frames are copied to the device once, the FPN
 features and the stage-to-stage queries and proposals stay on the device as OrtValues, and the
 recurrent queries (last stage's `next_queries`) stay there between clips; only the last stage's
-class logits, boxes and mask logits come back to the host. A slot reset (rare) round-trips the
+class logits, boxes and mask probabilities come back to the host. A slot reset (rare) round-trips the
 queries through the host and puts q* into the reset slots. On CPU plain `run()` is used.
 
 INT8: `qdq_dir` holds Q/DQ versions of the graphs (same file names, from `evis calibrate`); they run

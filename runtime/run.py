@@ -29,6 +29,7 @@ from itertools import islice
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as out_mod
 from efficientvis.runtime.clip_loop import run_clips
+from efficientvis.runtime.linking import LINKING
 from efficientvis.runtime import manifest as manifest_lib
 from efficientvis.runtime.sources import open_source
 from efficientvis.runtime.trt_backend import is_engine_dir
@@ -55,7 +56,7 @@ def add_arguments(p):
                    help="run only the first K of the M stages (anytime inference; default all)")
     p.add_argument("--clip", type=int, default=0, metavar="T",
                    help="frames per clip, 1..the exported T (default the exported T)")
-    p.add_argument("--linking", choices=["e2e", "handcrafted"],
+    p.add_argument("--linking", choices=LINKING,
                    help="e2e: each clip's output queries start the next (the paper; default, or the "
                         "manifest's infer.linking); handcrafted: every clip from q*, tracklets linked by "
                         "box/mask IoU + class (Table 1d baseline; needs scipy)")

@@ -17,7 +17,7 @@ Memory: every I/O tensor has one device buffer (cudaMalloc, grown when a larger 
 the FPN features and the stage-to-stage queries/proposals never leave the device; the recurrent
 queries live in two device buffers that swap roles every clip (stage_0 reads one, the last stage
 run writes `next_queries` into the other). Only the last stage's class logits, boxes and mask
-logits are copied to the host, on one CUDA stream, synchronised once per clip.
+probabilities are copied to the host, on one CUDA stream, synchronised once per clip.
 """
 
 import json

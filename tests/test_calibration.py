@@ -281,7 +281,7 @@ def test_bad_input_is_one_line(exported, tmp_path):
 
 
 def test_entropy_calibration_clips_a_long_tail_that_minmax_keeps(tmp_path):
-    """Entropy (KL over 2048-bin histograms) puts the activation range inside a long-tailed
+    """Entropy (KL over fine histograms) puts the activation range inside a long-tailed
     distribution, MinMax at its largest value; the weights' per-channel scales are the same."""
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import CalibrationDataReader
@@ -318,6 +318,6 @@ def test_entropy_calibration_clips_a_long_tail_that_minmax_keeps(tmp_path):
         model = onnx.load(dst)
         scales[method] = Q.activation_scales(model)
         assert not Q.check_qdq(model)
-        assert (info["entropy_ranges"] > 0) == (method == "entropy")
+        assert (info["entropy_tensors"] > 0) == (method == "entropy")
     assert scales["minmax"]["x"] == pytest.approx(60.0 / 127, rel=1e-5)  # symmetric, the largest |x|
     assert 3.0 / 127 < scales["entropy"]["x"] < 30.0 / 127  # inside the tail, not at the outlier

@@ -10,7 +10,8 @@ import pytest
 from efficientvis.runtime.clip_loop import FrameResult, Instance
 from efficientvis.runtime.collect import TrackCollector
 from efficientvis.ytvis.metric import evaluate  # noqa: F401  (the package's metric imports first)
-from efficientvis.ytvis.results import ResultsWriter, video_results
+from efficientvis.errors import UserError
+from efficientvis.ytvis.results import ResultsWriter, recover, video_results
 
 
 def _moving_tracks(rng, K=4, T=40, H=48, W=64, classes=3):
@@ -37,12 +38,14 @@ def _collect(masks, probs, length, **kwargs):
 
 
 @pytest.mark.parametrize("spool_in_memory", [1 << 20, 256])  # in memory / spilled to disk
-def test_collector_gives_the_scoring_rule_results(spool_in_memory):
-    masks, probs = _moving_tracks(np.random.default_rng(0))
+@pytest.mark.parametrize("classes", [3, 1])  # one class: scores must round alike too
+def test_collector_gives_the_scoring_rule_results(spool_in_memory, classes):
+    masks, probs = _moving_tracks(np.random.default_rng(0), classes=classes)
     collector = _collect(masks, probs, masks.shape[1], spool_in_memory=spool_in_memory)
-    got = list(collector.results(7, [3, 5, 9], top_k=6))
-    want = video_results(7, masks, probs, [3, 5, 9], top_k=6)
-    assert len(got) == 6
+    category_ids = [3, 5, 9][:classes]
+    got = list(collector.results(7, category_ids, top_k=6))
+    want = video_results(7, masks, probs, category_ids, top_k=6)
+    assert len(got) == min(6, 3 * classes)
     assert got == want
     assert collector._spool._rolled == (spool_in_memory == 256)
     collector.close()
@@ -99,8 +102,17 @@ def test_writer_streams_entries_and_drops_a_video_cut_off_by_an_error(tmp_path):
     with open(path + ".partial") as f:
         lines = f.read().split("\n")
     assert len(lines) == 2 and lines[1] == ""  # video 1 complete; nothing of video 2
-    from efficientvis.ytvis.results import recover
     recover(path + ".partial")
     results = json.load(open(path))
     assert [r["video_id"] for r in results] == [1, 1, 1]
     assert results == video_results(1, masks, probs, [1, 2, 3], top_k=3)
+
+
+def test_recover_refuses_a_half_line_spliced_into_the_next(tmp_path):
+    """A write that failed mid-video and was not truncated (disk full) must not make an invalid
+    results file: the spliced line is named instead."""
+    partial = tmp_path / "results.json.partial"
+    partial.write_text('{"video_id": 1, "results": [{"video_id": 1, "categ'
+                       '{"video_id": 2, "results": []}\n')
+    with pytest.raises(UserError, match="line 1 is not a video's results"):
+        recover(str(partial))

@@ -34,6 +34,8 @@ from pycocotools import mask as mask_utils
 from efficientvis.errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
+_UMASK = os.umask(0)  # read once, at import (setting it is the only way to read it)
+os.umask(_UMASK)
 
 
 def _rle_json(rle: dict) -> dict:
@@ -94,8 +96,9 @@ def video_results(video_id, masks, class_probs, category_ids, top_k: int = 10) -
     shown = np.flatnonzero(visible.any(axis=1))
     if len(shown) == 0:
         return []
-    # the mean over visible frames, as a sum / count like runtime/collect.py (same float64 rounding)
-    scores = np.stack([probs[k][visible[k]].sum(axis=0) / visible[k].sum() for k in shown])  # (K', C)
+    # the mean over visible frames as a sequential sum / count, frame after frame like
+    # runtime/collect.py (the same float64 rounding; numpy's sum would add pairwise for C = 1)
+    scores = np.stack([np.cumsum(probs[k][visible[k]], axis=0)[-1] / visible[k].sum() for k in shown])
     encoded = {}
     out = []
     for row, c in rank_tracks(scores, top_k):
@@ -129,9 +132,8 @@ def atomic_file(path: str):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode open() would
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file 0600: keep the mode of the file replaced, or the one open() gives
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -163,7 +165,10 @@ def _video_lines(partial_path: str):
             if not line.strip():
                 continue
             split = line.find(_RESULTS_START)
-            if not (line.startswith(_LINE_START) and split > 0 and line.endswith(_LINE_END)):
+            # one video per line: a half line left by a failed write and spliced with the next
+            # line would hold two results lists (entries never contain this text)
+            if not (line.startswith(_LINE_START) and split > 0 and line.endswith(_LINE_END)
+                    and line.count(_RESULTS_START) == 1):
                 raise UserError(f"{partial_path}: line {n} is not a video's results")
             try:
                 video_id = json.loads(line[len(_LINE_START):split])
