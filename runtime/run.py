@@ -2,7 +2,7 @@
 
     evis run --model MODEL_DIR|ENGINE_DIR --source SPEC --out OUT_DIR [--backend ort|trt]
              [--provider cpu|cuda|tensorrt] [--stages K] [--clip T] [--fp16] [--threads N]
-             [--linking e2e|handcrafted] [--show] [--no-video] [--max-frames N]
+             [--linking e2e|handcrafted] [--fused] [--show] [--no-video] [--max-frames N]
     evis run --model MODEL_DIR|ENGINE_DIR --dataset DIR [--ann FILE] --out OUT_DIR [...]
 
 Frames are read from the source (runtime/sources.py), grouped into clips and run through the
@@ -60,6 +60,10 @@ def add_arguments(p):
                    help="e2e: each clip's output queries start the next (the paper; default, or the "
                         "manifest's infer.linking); handcrafted: every clip from q*, tracklets linked by "
                         "box/mask IoU + class (Table 1d baseline; needs scipy)")
+    p.add_argument("--fused", action="store_true",
+                   help="run model.onnx (backbone + all stages in one graph; `evis export --fused`): "
+                        "only the last stage's masks are computed, about 2x faster on CPU at the "
+                        "r50 size; no --stages (ONNX Runtime only)")
     p.add_argument("--fp16", action="store_true", help="FP16 (TensorRT execution provider)")
     p.add_argument("--qdq", metavar="DIR", help="INT8: Q/DQ graphs written by `evis calibrate`")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
@@ -106,6 +110,8 @@ def build_backend(args, manifest, resized=None):
     if args.backend == "trt" or (args.backend is None and is_engine_dir(args.model)):
         from efficientvis.runtime.trt_backend import TrtBackend
 
+        if args.fused:
+            raise UserError("--fused runs model.onnx in ONNX Runtime; the TensorRT backend runs one engine per graph")
         return TrtBackend(args.model, manifest=manifest)
     from efficientvis.runtime.ort_backend import OrtBackend
 
@@ -115,7 +121,7 @@ def build_backend(args, manifest, resized=None):
         profile = {"min": (1, *resized), "opt": (T, *resized), "max": (T, *resized)}
     return OrtBackend(args.model, provider=args.provider, fp16=args.fp16, int8=bool(args.qdq),
                       threads=args.threads, cache_dir=args.cache, profile_shapes=profile,
-                      qdq_dir=args.qdq, manifest=manifest)
+                      qdq_dir=args.qdq, fused=args.fused, manifest=manifest)
 
 
 class Outputs:
@@ -193,6 +199,9 @@ def run(args) -> int:
     _check_positive(args.stages, "--stages", manifest.num_stages)
     clip_length = args.clip or manifest.clip_length
     args.stages = args.stages or int(manifest.infer.get("num_iterations") or 0)  # 0: all M
+    if args.fused and args.stages not in (0, manifest.num_stages):
+        raise UserError(f"--fused runs all {manifest.num_stages} stages (model.onnx); --stages {args.stages} "
+                        f"(anytime inference) needs the split graphs")
 
     if args.dataset:
         return _run_dataset(args, manifest, clip_length)

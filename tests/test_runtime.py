@@ -322,6 +322,23 @@ def test_evis_run_anytime_short_clips_folder_avi_max_frames(exported, tmp_path):
     proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
                   "--no-video", "--stages", "3"])
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--stages" in proc.stderr
+    # --fused (model.onnx): the same tracks as the split graphs, and no anytime inference
+    fused = str(tmp_path / "fused")
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", fused,
+                  "--no-video", "--no-results", "--threads", "1", "--fused"])
+    assert proc.returncode == 0, proc.stderr
+    split_lines = [json.loads(line) for line in open(os.path.join(lean, "tracks.jsonl"))]
+    fused_lines = [json.loads(line) for line in open(os.path.join(fused, "tracks.jsonl"))]
+    assert [[(t["id"], t["class"]) for t in r["tracks"]] for r in fused_lines] == \
+        [[(t["id"], t["class"]) for t in r["tracks"]] for r in split_lines]
+    from pycocotools import mask as mask_utils
+    for a, b in zip(fused_lines, split_lines):
+        for ta, tb in zip(a["tracks"], b["tracks"]):
+            ra, rb = ({**t["mask"], "counts": t["mask"]["counts"].encode()} for t in (ta, tb))
+            assert mask_utils.iou([ra], [rb], [0])[0, 0] >= 0.99
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", fused,
+                  "--no-video", "--fused", "--stages", "1"])
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--fused" in proc.stderr
 
 
 def test_sigint_keeps_complete_outputs(exported, tmp_path):
