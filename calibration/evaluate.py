@@ -73,9 +73,9 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None) -> dict:
     results, started = [], time.perf_counter()
     for vid in ids:
         video = gt.videos[vid]
-        collector = run_video(backend, video_frames(video, source.image_root), video.length, options, m.num_classes)
-        results += list(collector.results(vid, m.category_ids, top_k))
-        collector.close()
+        with run_video(backend, video_frames(video, source.image_root), video.length, options,
+                       m.num_classes) as collector:
+            results += list(collector.results(vid, m.category_ids, top_k))
     metrics = metric.evaluate(gt, results)
     out = {"AP": metrics["AP"], "AP50": metrics["AP50"], "AP75": metrics["AP75"], "AR10": metrics["AR10"],
            "videos": len(ids), "clips": backend.clips, "frames": backend.frames,

@@ -478,11 +478,9 @@ def summarise_runs(collectors, gt, top_k):
     are closed."""
     tracks, results = {}, []
     for vid, collector in collectors.items():
-        try:
+        with collector:
             tracks[vid] = track_summary(collector)
             results += list(collector.results(vid, gt.category_ids, top_k))
-        finally:
-            collector.close()
     return tracks, results
 
 

@@ -49,8 +49,7 @@ class TrackCollector:
                 self.size = [int(rle["size"][0]), int(rle["size"][1])]
             elif list(rle["size"]) != self.size:
                 raise ValueError(f"frame {t}: mask size {list(rle['size'])} differs from {self.size}")
-            counts = rle["counts"]
-            self._spool.write(f"{t} {inst.track_id} {counts.decode('ascii') if isinstance(counts, bytes) else counts}\n")
+            self._spool.write(f"{t} {inst.track_id} {rle['counts']}\n")  # str counts (format.encode)
             k = inst.track_id
             self.prob_sums[k] = self.prob_sums.get(k, 0.0) + np.asarray(inst.class_probs, np.float64)
             self.visible_frames[k] = self.visible_frames.get(k, 0) + 1
@@ -92,3 +91,9 @@ class TrackCollector:
 
     def close(self):
         self._spool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -56,10 +56,7 @@ def run_dataset(backend, gt, image_root, options, out_path, num_classes, categor
     with ResultsWriter(out_path) as writer:
         for video in tqdm(list(gt.videos.values()), desc="videos", disable=not progress, dynamic_ncols=True):
             linker = make_linker() if make_linker else None
-            collector = run_video(backend, video_frames(video, image_root), video.length, options,
-                                  num_classes, linker)
-            try:
+            with run_video(backend, video_frames(video, image_root), video.length, options,
+                           num_classes, linker) as collector:
                 writer.add(video.id, collector.results(video.id, category_ids, top_k))
-            finally:
-                collector.close()
     return out_path

@@ -187,11 +187,8 @@ class VideoResults:
         if self.collector is None:
             return self.path
         collector, self.collector = self.collector, None
-        try:
-            with ResultsWriter(self.path) as writer:
-                writer.add(self.video_id, collector.results(self.video_id, self.category_ids, self.top_k))
-        finally:
-            collector.close()
+        with collector, ResultsWriter(self.path) as writer:
+            writer.add(self.video_id, collector.results(self.video_id, self.category_ids, self.top_k))
         return self.path
 
 

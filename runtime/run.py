@@ -29,7 +29,7 @@ from itertools import islice
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as out_mod
 from efficientvis.runtime.clip_loop import run_clips
-from efficientvis.runtime.linking import LINKING
+from efficientvis.runtime.linking import LINKING, linker_factory
 from efficientvis.runtime import manifest as manifest_lib
 from efficientvis.runtime.sources import open_source
 from efficientvis.runtime.trt_backend import is_engine_dir
@@ -237,7 +237,6 @@ def _run_dataset(args, manifest, clip_length):
 
 
 def _make_linker(args, manifest):
-    from efficientvis.runtime.linking import linker_factory
     return linker_factory(args.linking or manifest.infer.get("linking") or "e2e", manifest.num_queries,
                           float(manifest.infer.get("background_threshold", 0.2)))
 
