@@ -144,8 +144,9 @@ def test_lr_schedule_and_correspondence_rule():
     cfg = load_config("tiny")
     assert correspondence_enabled(cfg, cfg.model.clip_length + 1)
     assert not correspondence_enabled(cfg, cfg.model.clip_length)
-    cfg.data.correspondence = "off"
-    assert not correspondence_enabled(cfg, 100)
+    cfg = load_config("tiny", ["data.correspondence=off"])  # YAML 1.1 reads a bare off as false
+    assert cfg.data.correspondence == "off" and not correspondence_enabled(cfg, 100)
+    assert load_config("tiny", ["data.correspondence=on"]).data.correspondence == "on"
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     max_minutes: float = 0            # >0: stop (with a checkpoint) after this wall time
+    max_steps: int = 0                # >0: stop after this many steps (ablations at an equal schedule)
 
 
 @dataclass
@@ -127,6 +128,8 @@ def _apply(cfg: Config, section: str, key: str, value, where: str):
     if key not in names:
         raise UserError(f"{where}: unknown key '{section}.{key}' (keys: {', '.join(names)})")
     default = getattr(obj, key)
+    if isinstance(default, str) and isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        value = "on" if value else "off"
     if isinstance(default, bool) and not isinstance(value, bool):
         raise UserError(f"{where}: '{section}.{key}' must be true/false, got {value!r}")
     if isinstance(default, (int, float)) and not isinstance(default, bool):

@@ -239,6 +239,8 @@ def run(args):
     batches_per_epoch = max(1, per_rank // cfg.train.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
     total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
     logger = Logger(args.out, main)
     if main:
