@@ -73,7 +73,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--graph", default="backbone", help="backbone | stage_k | model")
+    p.add_argument("--graph", default="backbone", help="backbone | stage_k | mask_k | model")
     p.add_argument("--size", default="360x640")
     p.add_argument("--clip", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -88,8 +88,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.clip, 3, H, W), dtype=np.uint8)
     image_size = np.array([H, W], np.float32)
+    index = args.graph.split("_")[-1]
     _, feeds = torch_reference(model, frames, image_size, m.initial_queries, m.data.get("roi_align", "roialign"),
-                               num_stages=int(args.graph[6:]) + 1 if args.graph.startswith("stage_") else None)
+                               num_stages=int(index) + 1 if index.isdigit() else None)
     feed = feeds[args.graph]
     path = m.path(args.graph)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

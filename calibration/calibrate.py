@@ -6,8 +6,9 @@
 
 1. The FP32 graphs run in ONNX Runtime (CPU) through the runtime's clip loop on calibration clips
    (calibration/data.py: a YouTube-VIS folder, synthetic data/synth by default, or a video), clip
-   after clip with the queries fed forward, and every graph's inputs are recorded.
-2. Each split graph (backbone, stage_k) is quantized with ONNX Runtime's `quantize_static`
+   after clip with the queries fed forward (every stage's mask head run), and every graph's inputs
+   are recorded.
+2. Each split graph (backbone, stage_k, mask_k) is quantized with ONNX Runtime's `quantize_static`
    (calibration/quantize.py: QDQ, INT8 symmetric, per-channel weights, default exclusions).
 3. Every Q/DQ graph must pass the TensorRT-readiness check (export/trt_check.py: zero points 0,
    ops TensorRT parses, ...).
@@ -39,7 +40,7 @@ from efficientvis.runtime import manifest as manifest_lib
 
 DEFAULT_DATA = os.path.join("data", "synth")
 CACHE_SUFFIX = ".calibration.cache"
-OWN_FILES = re.compile(r"^(backbone|stage_\d+)\.onnx$|^(backbone|stage_\d+)\.calibration\.cache$|"
+OWN_FILES = re.compile(r"^(backbone|stage_\d+|mask_\d+)\.onnx$|^(backbone|stage_\d+|mask_\d+)\.calibration\.cache$|"
                        r"^initial_queries\.npy$|^manifest\.json$")
 
 
@@ -75,11 +76,11 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and _same_dir(out_dir, model_dir):
         raise UserError("--out must be another folder than MODEL_DIR (the Q/DQ graphs keep the FP32 file names)")
-    graphs = ["backbone"] + list(manifest.stages or [f"stage_{k}" for k in range(manifest.num_stages)])
+    graphs = manifest.split_graphs
     missing = [g for g in graphs if g not in manifest.graphs]
     if missing:
         raise UserError(f"{model_dir}: the manifest lacks the split graphs {', '.join(missing)} "
-                        f"(calibration quantizes backbone.onnx and stage_k.onnx)")
+                        f"(calibration quantizes backbone.onnx, stage_k.onnx and mask_k.onnx)")
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".evis-calibrate-", dir=out_dir)
     try:

@@ -211,9 +211,9 @@ def record(model_dir, data, clips=DEFAULT_CLIPS, clips_per_video=DEFAULT_CLIPS_P
     from efficientvis.runtime.ort_backend import OrtBackend
 
     source = data if isinstance(data, Source) else resolve_source(data)
-    backend = OrtBackend(model_dir, threads=threads, manifest=manifest)
+    backend = OrtBackend(model_dir, threads=threads, manifest=manifest, every_mask_head=True)
     if backend.fused:
-        raise UserError(f"{model_dir}: calibration needs the split graphs (backbone.onnx, stage_k.onnx)")
+        raise UserError(f"{model_dir}: calibration needs the split graphs (backbone, stage_k, mask_k .onnx)")
     m = backend.manifest
     owned = folder is None
     folder = folder or tempfile.mkdtemp(prefix="evis-calib-")

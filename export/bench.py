@@ -20,21 +20,22 @@ Per iteration (warm-up iterations are not counted), the parts are timed separate
 
     preprocess   resize + BGR->RGB + (T, 3, H, W) uint8 (runtime/preprocess.py, as `evis run`)
     backbone     backbone graph / module
-    stage_k      each query-video iteration k < K (anytime inference: K = --stages)
-    fused_graph  model.onnx (ort-*-fused rows, where MODEL_DIR has it): backbone + all M stages
+    stage_k      each query-video iteration k < K (anytime inference: K = --stages), without masks
+    mask_head    the mask head of the last stage run (mask_{K-1}: masks are computed once per clip)
+    fused_graph  model.onnx (ort-*-fused rows, where MODEL_DIR has it): backbone + all M stages + mask head
     backend      a TensorRT engine folder, timed as a whole
     outputs_to_host  last stage's outputs to numpy (device copies on a GPU)
     postprocess  class sigmoid, boxes to source pixels, slot tracker, masks pasted at source resolution
                  (the steps of runtime/clip_loop.run_clips after the backend)
-    model        wall time of the backend's part (backbone + stages, host copies included)
+    model        wall time of the backend's part (backbone + stages + mask head, host copies included)
     clip         preprocess + model + postprocess (end to end)
 
 PyTorch runs the very modules the ONNX graphs were exported from (export/graphs.py) in eager mode
 (`--channels-last` adds a channels_last copy); ONNX Runtime runs the sessions of `OrtBackend` as
 `evis run` does (same options; `--threads` = intra_op_num_threads). The recurrent queries are
 carried from one iteration to the next. A cached export (checkpoint without --model, random
-weights) has the fused model.onnx too: it is the split graphs joined with what the last stage does
-not need pruned (the class and mask heads of stages 0..M-2), so it does less work per clip.
+weights) has the fused model.onnx too: the split graphs joined in one graph, with what the outputs
+do not need pruned (the class heads of stages 0..M-2): the same work as the split graphs, in one call.
 Statistics per part: mean, p50, p90, p99, min (ms per clip); per frame = per clip / T; FPS model-only
 (T / model) and end to end (T / clip). Peak memory: the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs before each backend is created) while that backend is created and run, and its
@@ -47,8 +48,8 @@ same clip as a cross-check. Achieved GFLOP/s = GFLOPs / model time, also as a sh
 float32 matmul rate, measured once at start (torch.mm 1024x1024, best of 5, same threads).
 
 Sweeps: `--sweep-T` and `--sweep-size` rerun every backend at each value (warm-up + iterations);
-the stage sweep (1..K) is derived from the per-stage times (backbone + stages 0..k-1), since a
-stage's time does not depend on how many follow it.
+the stage sweep (1..K) is derived from the per-stage times (backbone + stages 0..k-1 + the mask
+head), since a stage's time does not depend on how many follow it.
 
 JSON (format_version 1): {command, format_version, created, package_version, machine {platform,
 cpu_count, threads, python, torch, onnxruntime, tensorrt, load_average, nice, matmul_gflops},
@@ -185,9 +186,13 @@ def default_cache_dir():
 
 
 def _versions():
+    """What a cached export depends on (a new manifest format invalidates it)."""
     import onnx
     import torch
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "efficientvis": __version__}
+
+    from efficientvis.runtime.manifest import FORMAT_VERSION
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "efficientvis": __version__,
+            "manifest_format": FORMAT_VERSION}
 
 
 def random_weights_key(cfg, seed=RANDOM_SEED) -> str:
@@ -244,9 +249,10 @@ def add_fused_graph(model_dir, log=print):
     t0 = time.perf_counter()
     backbone = onnx.load(m.path("backbone"))
     stages = [onnx.load(m.path(s)) for s in m.stages]
+    mask_head = onnx.load(m.path(f"mask_{m.num_stages - 1}"))
     spec = E.graph_spec("model", m.num_queries, m.hidden_dim, m.num_classes, int(m.data.get("mask_size", 28)))
-    proto = E.compose_fused(backbone, stages, *spec)
-    del backbone, stages
+    proto = E.compose_fused(backbone, stages, mask_head, *spec)
+    del backbone, stages, mask_head
     E._check(proto, "model.onnx")
     entry = E.save_graph(proto, model_dir, "model.onnx")
     data = dict(m.data)
@@ -328,8 +334,7 @@ class TorchRunner:
             model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         self.model = model.to(self.device).eval()
         self.num_stages = len(model.iterations)
-        self.modules = {n: G.build_graph_module(self.model, n)
-                        for n in ["backbone"] + G.stage_names(self.num_stages)}
+        self.modules = {n: G.build_graph_module(self.model, n) for n in G.split_names(self.num_stages)}
         self.q_star = self.model.init_queries.weight.detach().clone()
         self.queries = None
 
@@ -354,9 +359,13 @@ class TorchRunner:
                 _sync(torch, dev)
                 times[f"stage_{k}"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            mask_probs = self.modules[f"mask_{stages - 1}"](*feats, res[3], res[1])
+            _sync(torch, dev)
+            times["mask_head"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             self.queries = res[4]
             out = {"class_logits": res[2].float().cpu().numpy(), "boxes": res[1].float().cpu().numpy(),
-                   "mask_probs": res[3].float().cpu().numpy()}
+                   "mask_probs": mask_probs.float().cpu().numpy()}
             times["outputs_to_host"] = time.perf_counter() - t0
         return out, times
 
@@ -372,7 +381,7 @@ class OrtRunner:
         self.backend.start_video()
 
     def run(self, frames, stages):
-        from efficientvis.runtime.ort_backend import FEATURES, FUSED_OUTPUTS, STAGE_OUTPUTS
+        from efficientvis.runtime.ort_backend import FEATURES, FUSED_OUTPUTS, MASK_OUTPUTS, STAGE_OUTPUTS
 
         b = self.backend
         times = {}
@@ -392,6 +401,10 @@ class OrtRunner:
                                           {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
                 out = b._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
                 times[f"stage_{k}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out.update(b._call(f"mask_{stages - 1}", dict(features, attended=out["attended"],
+                                                          proposals=out["proposals"]), MASK_OUTPUTS))
+            times["mask_head"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         b.queries = out["next_queries"]
         host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
@@ -607,7 +620,7 @@ def plot(report, path):
     stage_parts = [p for p in parts if p.startswith("stage_")]
     warm = plt.get_cmap("YlOrRd")
     colours = {"preprocess": "#9e9e9e", "backbone": "#1f77b4", "fused_graph": "#9467bd", "backend": "#9467bd",
-               "outputs_to_host": "#d0d0d0", "postprocess": "#2ca02c"}
+               "outputs_to_host": "#d0d0d0", "postprocess": "#2ca02c", "mask_head": "#8c564b"}
     for i, p in enumerate(stage_parts):
         colours[p] = warm(0.25 + 0.6 * i / max(1, len(stage_parts) - 1))
     left = np.zeros(len(ok))
@@ -813,7 +826,7 @@ def run(args) -> int:
         entry["instances_per_clip"] = inst
         lat = entry["latency_ms"]
         if "backbone" in lat and all(f"stage_{k}" in lat for k in range(stages)):
-            cum, rows = lat["backbone"]["mean"], []
+            cum, rows = lat["backbone"]["mean"] + lat.get("mask_head", {}).get("mean", 0.0), []
             for k in range(stages):
                 cum += lat[f"stage_{k}"]["mean"]
                 rows.append({"stages": k + 1, "model_ms": cum, "fps": 1000 * clip / cum})
@@ -832,7 +845,7 @@ def run(args) -> int:
         gc.collect()
 
     order = ["preprocess", "backbone"] + [f"stage_{k}" for k in range(M)] + \
-        ["fused_graph", "backend", "outputs_to_host", "postprocess", "model", "clip"]
+        ["mask_head", "fused_graph", "backend", "outputs_to_host", "postprocess", "model", "clip"]
     parts = [p for p in order if p in all_parts] + [p for p in all_parts if p not in order]
     by_name = {b["name"]: b for b in backends if b["status"] == "ok"}
     ref = by_name.get("pytorch")

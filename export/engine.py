@@ -13,7 +13,7 @@ set_shape(min, opt, max) per dynamic input -> build_serialized_network -> the pl
 
 ENGINE_DIR (what runtime/trt_backend.py loads): `<graph>.engine` + `<graph>.engine.json`
 (tensorrt_version, gpu_name, compute_capability, precision, profiles, onnx_sha256, ...) for
-backbone, stage_0 .. stage_{M-1}, plus copies of MODEL_DIR's manifest.json and
+backbone, stage_0 .. stage_{M-1}, mask_0 .. mask_{M-1}, plus copies of MODEL_DIR's manifest.json and
 initial_queries.npy. FP16 on strongly typed networks (TensorRT >= 10.12 by default, always on 11)
 builds from FP16 ONNX graphs converted here (onnxconverter-common, kept in ENGINE_DIR/onnx_fp16/).
 Engines are tied to the TensorRT version and the GPU: build them on the device that runs them

@@ -201,8 +201,8 @@ def profile_shapes(graph_entry: dict, clip_shapes: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def graphs_to_build(manifest) -> list:
-    """The split graphs the TensorRT backend runs: backbone, stage_0 .. stage_{M-1}."""
-    names = ["backbone"] + [f"stage_{k}" for k in range(manifest.num_stages)]
+    """The split graphs the TensorRT backend runs: backbone, stage_0 .. stage_{M-1}, mask_0 .. mask_{M-1}."""
+    names = manifest.split_graphs
     missing = [n for n in names if n not in manifest.graphs]
     if missing:
         raise UserError(f"{manifest.model_dir}: the manifest lacks {', '.join(missing)} "

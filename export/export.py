@@ -1,5 +1,6 @@
 """`evis export`: checkpoint -> MODEL_DIR with backbone.onnx, stage_0.onnx .. stage_{M-1}.onnx,
-[model.onnx], initial_queries.npy and manifest.json (interface: ARCHITECTURE.md, "ONNX interface").
+mask_0.onnx .. mask_{M-1}.onnx, [model.onnx], initial_queries.npy and manifest.json (interface:
+ARCHITECTURE.md, "ONNX interface").
 
 How each graph is made:
 - The wrappers of `graphs.py` (one clip, no batch axis) are exported one by one with the dynamo
@@ -15,10 +16,10 @@ How each graph is made:
   again. Opset 16 is refused: it has no LayerNormalization.
 - Post-processing: graph input/output axes get the manifest's names (T, H, W, H4 ... W32),
   unused initializers are removed, `onnx.checker.check_model(full_check=True)` must pass.
-- `--fused`: model.onnx is the backbone and the M stages joined in ONNX (no second trace): every
-  stage's tensors are prefixed `stage_k/`, stage k's queries_in/proposals_in are wired to stage
-  k-1's outputs, and what the last stage's outputs do not need (earlier stages' class and mask
-  heads) is pruned.
+- `--fused`: model.onnx is the backbone, the M stages and the last mask head joined in ONNX (no
+  second trace): every graph's tensors are prefixed with its name (`stage_k/`, `mask_k/`), stage
+  k's queries_in/proposals_in are wired to stage k-1's outputs, and what the outputs do not need
+  (earlier stages' class heads) is pruned.
 - `--simplify`: onnxslim (if installed) on each graph; kept only where it removes nodes, and the
   verification below covers the simplified graphs.
 - Verification (unless `--no-verify`): every graph runs in ONNX Runtime (CPU) at a clip length and
@@ -56,7 +57,7 @@ MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x
 EXTERNAL_DATA_BYTES = 1536 << 20
 # Verification tolerance (ORT vs PyTorch, float32): |a - b| <= ATOL + RTOL * max|b| per output.
 VERIFY_ATOL, VERIFY_RTOL = 1e-3, 1e-5
-OWN_FILES = re.compile(r"^(backbone|stage_\d+|model)\.onnx(\.data)?$|^initial_queries\.npy$|^manifest\.json$")
+OWN_FILES = re.compile(r"^(backbone|stage_\d+|mask_\d+|model)\.onnx(\.data)?$|^initial_queries\.npy$|^manifest\.json$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def graph_spec(name: str, N: int, C: int, K: int, mask_size: int) -> tuple[list,
     init_queries = {"name": "init_queries", "dtype": "float32", "shape": [N, C]}
     image_size = {"name": "image_size", "dtype": "float32", "shape": [2]}
     out = {"queries": [N, "T", C], "proposals": [N, "T", 4], "class_logits": [N, "T", K],
-           "mask_probs": [N, "T", mask_size, mask_size], "next_queries": [N, C]}
+           "attended": [N, "T", C], "mask_probs": [N, "T", mask_size, mask_size], "next_queries": [N, C]}
     features = [feature(i) for i in range(4)]
     inputs, outputs = G.graph_io_names(name)
     if name == "backbone":
@@ -96,7 +97,9 @@ def graph_spec(name: str, N: int, C: int, K: int, mask_size: int) -> tuple[list,
     table = {f["name"]: f for f in features}
     table.update(frames=frames, init_queries=init_queries, image_size=image_size,
                  queries_in={"name": "queries_in", "dtype": "float32", "shape": [N, "T", C]},
-                 proposals_in={"name": "proposals_in", "dtype": "float32", "shape": [N, "T", 4]})
+                 proposals_in={"name": "proposals_in", "dtype": "float32", "shape": [N, "T", 4]},
+                 attended={"name": "attended", "dtype": "float32", "shape": [N, "T", C]},
+                 proposals={"name": "proposals", "dtype": "float32", "shape": [N, "T", 4]})
     return ([table[n] for n in inputs],
             [{"name": n, "dtype": "float32", "shape": out[n]} for n in outputs])
 
@@ -265,8 +268,8 @@ def _simplify(model, name: str, log):
 # fused graph: backbone + stages joined in ONNX
 # ----------------------------------------------------------------------------------------------
 
-def compose_fused(backbone, stages: list, inputs: list, outputs: list):
-    """model.onnx from the post-processed backbone and stage models (same opset)."""
+def compose_fused(backbone, stages: list, mask_head, inputs: list, outputs: list):
+    """model.onnx from the post-processed backbone, stage and last mask-head models (same opset)."""
     import onnx
     from onnx import helper
 
@@ -277,22 +280,27 @@ def compose_fused(backbone, stages: list, inputs: list, outputs: list):
     graph.value_info.extend(backbone.graph.value_info)
     graph.input.extend(backbone.graph.input)
     last = len(stages) - 1
+    parts = []  # (model, tensor-name prefix, renamed tensors)
     for k, stage in enumerate(stages):
-        if _opset_of(stage) != opset or stage.functions or backbone.functions:
-            raise RuntimeError("cannot fuse graphs of different opsets or with local functions")
-        prefix = f"stage_{k}/"
         rename = {n: n for n in G.FEATURES}
         if k == 0:
             rename.update(init_queries="init_queries", image_size="image_size")
         else:
             rename.update(queries_in=f"stage_{k - 1}/queries", proposals_in=f"stage_{k - 1}/proposals")
         if k == last:
-            rename.update({n: n for n in G.FUSED_OUTPUTS})
+            rename.update({n: n for n in G.FUSED_OUTPUTS if n != "mask_probs"})
+        parts.append((stage, f"stage_{k}/", rename))
+    parts.append((mask_head, f"mask_{last}/", {**{n: n for n in G.FEATURES}, "proposals": "proposals",
+                                               "attended": f"stage_{last}/attended",
+                                               "mask_probs": "mask_probs"}))
+    for part, prefix, rename in parts:
+        if _opset_of(part) != opset or part.functions or backbone.functions:
+            raise RuntimeError("cannot fuse graphs of different opsets or with local functions")
 
         def name(n, rename=rename, prefix=prefix):
             return rename.get(n, prefix + n) if n else n
 
-        for node in stage.graph.node:
+        for node in part.graph.node:
             if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
                 raise RuntimeError(f"cannot fuse: node {node.name} has a subgraph")
             new = onnx.NodeProto()
@@ -303,19 +311,18 @@ def compose_fused(backbone, stages: list, inputs: list, outputs: list):
             del new.output[:]
             new.output.extend(name(o) for o in node.output)
             graph.node.append(new)
-        for tensor in stage.graph.initializer:
+        for tensor in part.graph.initializer:
             new = onnx.TensorProto()
             new.CopyFrom(tensor)
             new.name = name(tensor.name)
             graph.initializer.append(new)
-        for value in stage.graph.value_info:
+        for value in part.graph.value_info:
             new = onnx.ValueInfoProto()
             new.CopyFrom(value)
             new.name = name(value.name)
             graph.value_info.append(new)
-        if k == 0:
-            graph.input.extend(v for v in stage.graph.input if v.name in ("init_queries", "image_size"))
-    by_name = {v.name: v for v in stages[-1].graph.output}
+    graph.input.extend(v for v in stages[0].graph.input if v.name in ("init_queries", "image_size"))
+    by_name = {v.name: v for v in list(stages[-1].graph.output) + list(mask_head.graph.output)}
     graph.output.extend(by_name[n] for n in G.FUSED_OUTPUTS)
     model = helper.make_model(graph, opset_imports=list(backbone.opset_import),
                               producer_name=backbone.producer_name, producer_version=backbone.producer_version)
@@ -374,10 +381,12 @@ def _dynamic_shapes(name, axes, max_clip, torch):
         return {"frames": {**tdim, 2: Dim("H", min=axes["H"]["min"], max=axes["H"]["max"]),
                            3: Dim("W", min=axes["W"]["min"], max=axes["W"]["max"])}}
     shapes = {f: feature(s) for f, s in zip(G.FEATURES, G.STRIDES)}
+    tq = {1: T} if T is not None else {}
     if name == "stage_0":
         shapes.update(init_queries=None, image_size=None)
+    elif name.startswith("mask_"):
+        shapes.update(attended=dict(tq), proposals=dict(tq))
     else:
-        tq = {1: T} if T is not None else {}
         shapes.update(queries_in=dict(tq), proposals_in=dict(tq))
     return shapes
 
@@ -464,7 +473,7 @@ def verification_shape(axes):
 def torch_reference(model, frames, image_size, init_queries, roi_form, num_stages=None):
     """What each graph should output, computed by the PyTorch wrappers of graphs.py, and the inputs
     to give it: ({graph: {output: ndarray}}, {graph: {input: ndarray}}). Stage k is fed PyTorch's
-    stage k-1 outputs; "model" is the whole clip."""
+    stage k-1 outputs, mask head k stage k's; "model" is the whole clip."""
     import torch
     from efficientvis.training import roi_align
 
@@ -485,7 +494,10 @@ def torch_reference(model, frames, image_size, init_queries, roi_form, num_stage
                 feeds[name] = {**fd, "queries_in": q.numpy(), "proposals_in": boxes.numpy()}
             out[name] = {n: r.numpy() for n, r in zip(G.STAGE_OUTPUTS, res)}
             q, boxes = res[0], res[1]
-    out["model"] = {n: out[name][n] for n in G.FUSED_OUTPUTS}
+            mask = f"mask_{k}"
+            feeds[mask] = {**fd, "attended": out[name]["attended"], "proposals": out[name]["proposals"]}
+            out[mask] = {"mask_probs": G.build_graph_module(model, mask)(*feats, res[3], res[1]).numpy()}
+    out["model"] = {**{n: out[name][n] for n in G.FUSED_OUTPUTS if n != "mask_probs"}, **out[mask]}
     feeds["model"] = {"frames": frames, "init_queries": init_queries, "image_size": image_size}
     return out, feeds
 
@@ -532,9 +544,12 @@ def verify_export(model, model_dir, graph_entries, roi_form, axes, log):
     result = {"T": T, "H": H, "W": W, "provider": "CPUExecutionProvider",
               "reference": f"PyTorch ({roi_form} form) on the same inputs"}
     if "model" in graph_entries:
-        chain = run(split[1], {**got["backbone"], **{k: feeds["model"][k] for k in ("init_queries", "image_size")}})
-        for name in split[2:]:
+        stages = [n for n in split if n.startswith("stage_")]
+        chain = run(stages[0], {**got["backbone"], **{k: feeds["model"][k] for k in ("init_queries", "image_size")}})
+        for name in stages[1:]:
             chain = run(name, {**got["backbone"], "queries_in": chain["queries"], "proposals_in": chain["proposals"]})
+        chain.update(run(f"mask_{len(stages) - 1}", {**got["backbone"], "attended": chain["attended"],
+                                                     "proposals": chain["proposals"]}))
         fused = run("model", feeds["model"])
         errors["model"] = max_errors(fused, {n: chain[n] for n in G.FUSED_OUTPUTS})
         failed += [f"model.onnx output {o}: differs from the split graphs by {e:.3g}"
@@ -611,7 +626,7 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     log(f"exporting {checkpoint} -> {out_dir} (opset {opset}, RoIAlign as "
         f"{'RoiAlign' if roi_form == 'roialign' else 'GridSample'}, T 1..{max_clip}, "
         f"H/W {min_size}..{max_size})")
-    names = ["backbone"] + G.stage_names(M)
+    names = G.split_names(M)
     protos, entries, started = {}, {}, time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
@@ -632,7 +647,8 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     if fused:
         t0 = time.perf_counter()
         spec = graph_spec("model", N, C, K, mask_size)
-        proto = compose_fused(protos["backbone"], [protos[s] for s in G.stage_names(M)], *spec)
+        proto = compose_fused(protos["backbone"], [protos[s] for s in G.stage_names(M)], protos[f"mask_{M - 1}"],
+                              *spec)
         _check(proto, "model.onnx")
         entry = save_graph(proto, out_dir, "model.onnx")
         seconds = time.perf_counter() - t0
@@ -673,6 +689,7 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
         "infer": dict(vars(cfg.infer)),
         "dynamic_axes": axes,
         "stages": G.stage_names(M),
+        "mask_heads": G.mask_head_names(M),
         "graphs": entries,
         "initial_queries": q_entry,
         "model": {"config": cfg.name, "backbone": mc.backbone, "backbone_width": mc.backbone_width,

@@ -131,7 +131,7 @@ def graph_flops(model, input_shapes: dict) -> dict:
 def model_dir_flops(model_dir: str, T: int, H: int, W: int, stages: int | None = None,
                     manifest=None) -> dict:
     """FLOPs per clip of an exported MODEL_DIR's split graphs (backbone + the first `stages`
-    stages) for clips of T frames of H x W (model input):
+    stages + the last one's mask head) for clips of T frames of H x W (model input):
     {"graphs": {name: graph_flops result}, "total": int, "T", "H", "W", "stages"}."""
     import os
 
@@ -140,7 +140,7 @@ def model_dir_flops(model_dir: str, T: int, H: int, W: int, stages: int | None =
 
     m = manifest or manifest_lib.load(model_dir, verify=False)
     stages = int(stages or m.num_stages)
-    names = ["backbone"] + [f"stage_{k}" for k in range(stages)]
+    names = ["backbone"] + [f"stage_{k}" for k in range(stages)] + [f"mask_{stages - 1}"]
     out = {}
     for name in names:
         entry = m.graph(name)
@@ -153,8 +153,8 @@ def model_dir_flops(model_dir: str, T: int, H: int, W: int, stages: int | None =
 
 
 def fused_flops(model_dir: str, T: int, H: int, W: int, manifest=None, graph_dir=None) -> dict:
-    """FLOPs per clip of the fused model.onnx (all M stages; the earlier stages' class and mask
-    heads are pruned from it, so it does less work than backbone + M split stages)."""
+    """FLOPs per clip of the fused model.onnx (all M stages and the last mask head; the earlier
+    stages' class heads are pruned from it)."""
     import os
 
     from efficientvis.runtime import manifest as manifest_lib

@@ -7,8 +7,8 @@ json + hashlib + numpy only (no torch, no onnx): it lives in the runtime, and `e
 complete export; `load(model_dir)` reads it back and checks the sha256 of every file it lists
 (graphs, their external-data files, q*), raising a UserError that names a missing or changed file.
 
-Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 2; keys in ARCHITECTURE.md; version 1 graphs
-output mask logits instead of mask_probs):
+Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 3; keys in ARCHITECTURE.md; version 1 graphs
+output mask logits instead of mask_probs, version 2 stage graphs include their mask heads):
 
     format, format_version, package_version, created (UTC, ISO 8601)
     opset, roi_align ("roialign" | "gridsample"), exporter {torch, onnx}
@@ -19,7 +19,7 @@ output mask logits instead of mask_probs):
     infer {top_k, reset_after, background_threshold, linking, num_iterations}
     dynamic_axes {axis: {min, opt, max[, expr]}}       T, H, W and the feature-map axes
                                                         H4 = ceil(H/4) ... W32 = ceil(W/32)
-    stages ["stage_0", ...]
+    stages ["stage_0", ...], mask_heads ["mask_0", ...]    (stage k's masks: graph mask_k)
     graphs {name: {file, sha256, bytes, external_data [{file, sha256, bytes}],
                    inputs [{name, dtype, shape}], outputs [...], nodes, export_seconds}}
     initial_queries {file, sha256, bytes, dtype, shape}
@@ -40,7 +40,10 @@ from efficientvis.errors import UserError
 from efficientvis.ytvis.results import write_json_atomic
 
 FORMAT = "efficientvis-onnx"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# what changed at each version, for the message that refuses an older export
+OLDER_FORMATS = {1: "its graphs output mask logits, not mask_probs",
+                 2: "its stage graphs include their mask heads, which are graphs of their own now"}
 FILENAME = "manifest.json"
 
 
@@ -95,6 +98,12 @@ class Manifest:
     def stages(self) -> list:
         return list(self.data.get("stages", []))
 
+    @property
+    def split_graphs(self) -> list:
+        """backbone, stage_0 .. stage_{M-1}, mask_0 .. mask_{M-1}: what the split runtime runs."""
+        M = self.num_stages
+        return ["backbone"] + [f"stage_{k}" for k in range(M)] + [f"mask_{k}" for k in range(M)]
+
     def loop_options(self, clip_length=0, num_iterations=None):
         """The clip loop's settings from the manifest (T, input size, infer{}). clip_length 0: the
         manifest's T; num_iterations None: the manifest's infer.num_iterations, 0: all stages."""
@@ -107,7 +116,7 @@ class Manifest:
                            reset_after=int(self.infer.get("reset_after", 3)))
 
     def graph(self, name: str) -> dict:
-        """The entry of graph `name` ("backbone", "stage_k", "model") with `path` added."""
+        """The entry of graph `name` ("backbone", "stage_k", "mask_k", "model") with `path` added."""
         if name not in self.graphs:
             raise UserError(f"{self.model_dir}: the manifest has no graph '{name}' "
                             f"(graphs: {', '.join(self.graphs) or 'none'})")
@@ -178,8 +187,8 @@ def load(model_dir, verify=True) -> Manifest:
                         f"reads ({FORMAT_VERSION}); upgrade efficientvis")
     if version < FORMAT_VERSION:
         raise UserError(f"{path}: manifest format version {version} comes from an older evis export "
-                        f"(its graphs output mask logits, not mask_probs); export the checkpoint again, then "
-                        f"calibrate and build engines from the new export")
+                        f"({OLDER_FORMATS.get(version, 'another graph interface')}); export the checkpoint "
+                        f"again, then calibrate and build engines from the new export")
     try:
         graphs = data["graphs"]
         if not isinstance(graphs, dict) or not graphs or \

@@ -1,13 +1,14 @@
 """ONNX Runtime backend of the clip loop, over the exported graphs of MODEL_DIR.
 
 MODEL_DIR (written by `evis export`, interface in ARCHITECTURE.md): `backbone.onnx`,
-`stage_0.onnx` .. `stage_{M-1}.onnx` and/or the fused `model.onnx`, `initial_queries.npy` (q*) and
-`manifest.json`. `manifest.load` reads the manifest and checks every file it lists against its
+`stage_0.onnx` .. `stage_{M-1}.onnx`, `mask_0.onnx` .. `mask_{M-1}.onnx` and/or the fused
+`model.onnx`, `initial_queries.npy` (q*) and `manifest.json`. `manifest.load` reads the manifest and checks every file it lists against its
 sha256 (a changed or truncated file is a UserError naming it), torch-free.
 
 `OrtBackend` creates its sessions once. Per clip: backbone -> stage_0 (init_queries = the recurrent
 queries, image_size) -> stage_1 .. stage_{K-1} (queries/proposals of the previous stage) ->
-the class logits, boxes and mask probabilities of stage K-1; its `next_queries` start the next clip.
+mask_{K-1} (stage K-1's attended queries and proposals: only the last stage's masks are computed)
+-> the class logits, boxes and mask probabilities of stage K-1; its `next_queries` start the next clip.
 K = all M stages, or fewer (anytime inference: every stage outputs next_queries). The fused
 `model.onnx` (one call per clip, always all M stages) is used when it is the only graph there or
 when asked for (`fused=True`).
@@ -40,7 +41,8 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 FEATURES = ("p2", "p3", "p4", "p5")
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
-STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "mask_probs", "next_queries")
+STAGE_OUTPUTS = ("queries", "proposals", "class_logits", "attended", "next_queries")
+MASK_OUTPUTS = ("mask_probs",)
 FUSED_OUTPUTS = ("class_logits", "proposals", "mask_probs", "next_queries")
 
 
@@ -81,7 +83,8 @@ class OrtBackend:
     """The clip-loop backend interface (runtime/clip_loop.py) on ONNX Runtime sessions."""
 
     def __init__(self, model_dir, provider="cpu", fp16=False, int8=False, threads=0, cache_dir=None,
-                 profile_shapes=None, qdq_dir=None, fused=False, device_id=0, manifest=None):
+                 profile_shapes=None, qdq_dir=None, fused=False, device_id=0, manifest=None,
+                 every_mask_head=False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -94,6 +97,7 @@ class OrtBackend:
         self.model_dir, self.provider, self.device_id = model_dir, provider, int(device_id)
         self.num_queries, self.clip_length = m.num_queries, m.clip_length
         self.num_stages = m.num_stages
+        self.every_mask_head = every_mask_head  # calibration: every stage's mask head sees its inputs
         graph_dir, graphs_of = model_dir, m
         if int8 or qdq_dir:
             if not qdq_dir:
@@ -108,11 +112,12 @@ class OrtBackend:
             entry = graphs_of.graphs.get(g)
             return os.path.join(graph_dir, entry["file"] if entry else g + ".onnx")
 
-        split = ["backbone"] + [f"stage_{k}" for k in range(self.num_stages)]
+        split = m.split_graphs
         self.fused = bool(fused) or not all(os.path.isfile(file_of(g)) for g in split)
         if self.fused and not os.path.isfile(file_of("model")):
             raise UserError(f"{graph_dir}: " + ("no model.onnx (export with --fused)" if fused else
-                                               "neither backbone.onnx + stage_k.onnx nor model.onnx"))
+                                               "neither the split graphs (backbone, stage_k, mask_k .onnx) "
+                                               "nor model.onnx"))
         graphs = ["model"] if self.fused else split
         files = {g: file_of(g) for g in graphs}
 
@@ -210,7 +215,7 @@ class OrtBackend:
             raise UserError(f"the model has {self.num_stages} stages; cannot run {stages}")
         if self.fused and stages != self.num_stages:
             raise UserError("anytime inference (fewer stages) needs the split graphs "
-                            "(backbone.onnx + stage_k.onnx), not model.onnx")
+                            "(backbone.onnx, stage_k.onnx, mask_k.onnx), not model.onnx")
         if self.queries is None:
             self.start_video()
         if reset is not None and np.any(reset):
@@ -256,6 +261,9 @@ class OrtBackend:
                 feeds = dict(features, **(first if k == 0 else
                                           {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
                 out = self._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
+                if self.every_mask_head or k == stages - 1:
+                    out.update(self._call(f"mask_{k}", dict(features, attended=out["attended"],
+                                                            proposals=out["proposals"]), MASK_OUTPUTS))
         self.queries = out["next_queries"]  # an OrtValue on the device with IO binding
         host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
         return {k: v.numpy() if self.on_device else v for k, v in host.items()}

@@ -1,7 +1,8 @@
 """TensorRT backend of the clip loop (TensorRT 10.x / 11.x, tensor-name API, cuda-python).
 
 ENGINE_DIR holds one serialised engine per graph of the ONNX interface (ARCHITECTURE.md):
-`backbone.engine`, `stage_0.engine` .. `stage_{M-1}.engine`, each with its metadata next to it
+`backbone.engine`, `stage_0.engine` .. `stage_{M-1}.engine`, `mask_0.engine` .. `mask_{M-1}.engine`
+(stage k's mask head: only the last stage run computes masks), each with its metadata next to it
 (`<name>.engine.json`), and the model's `manifest.json` (class names, T, N, C, preprocessing, and
 `initial_queries.npy`) copied from MODEL_DIR. The engine metadata written by the engine builder:
 
@@ -215,7 +216,7 @@ class TrtBackend:
         m = self.manifest
         self.num_queries, self.clip_length = m.num_queries, m.clip_length
         self.num_stages = m.num_stages
-        names = ["backbone"] + [f"stage_{k}" for k in range(self.num_stages)]
+        names = m.split_graphs
         paths = [os.path.join(engine_dir, n + ENGINE_SUFFIX) for n in names]
         for p in paths:
             if not os.path.isfile(p):
@@ -303,9 +304,15 @@ class TrtBackend:
             # this stage's outputs are the next stage's inputs
             addresses["queries_in"], shapes["queries_in"] = addresses["queries"], shapes["queries"]
             addresses["proposals_in"], shapes["proposals_in"] = addresses["proposals"], shapes["proposals"]
+        mask_head = self.engines[f"mask_{stages - 1}"]  # reads the last stage's attended and proposals
+        mask_head.set_shapes({n: shapes[n] for n in mask_head.inputs})
+        shapes["mask_probs"] = mask_head.output_shape("mask_probs")
+        addresses["mask_probs"] = self._buffer("mask_probs", mask_head.nbytes("mask_probs"))
+        mask_head.execute(addresses, self.stream)
+        dtypes = {**engine.dtypes, **mask_head.dtypes}
         result = {}
         for key, name in (("class_logits", "class_logits"), ("boxes", "proposals"), ("mask_probs", "mask_probs")):
-            host = np.empty(shapes[name], engine.dtypes[name])
+            host = np.empty(shapes[name], dtypes[name])
             self.cuda.dtoh(host, addresses[name], self.stream)
             result[key] = host
         self.cuda.sync(self.stream)

@@ -43,7 +43,7 @@ def test_bench_json_and_plot(tiny, tmp_path, capsys):
     assert {"pytorch", "ort-fp32"} <= set(ok)
     for b in ok.values():
         assert BACKEND_KEYS <= set(b)
-        for part in ("preprocess", "backbone", "stage_0", "stage_1", "postprocess", "model", "clip"):
+        for part in ("preprocess", "backbone", "stage_0", "stage_1", "mask_head", "postprocess", "model", "clip"):
             assert STAT_KEYS == set(b["latency_ms"][part]) and b["latency_ms"][part]["mean"] > 0
         lat = b["latency_ms"]
         assert lat["clip"]["mean"] >= lat["model"]["mean"] >= lat["backbone"]["mean"]

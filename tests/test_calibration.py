@@ -29,7 +29,7 @@ from efficientvis.runtime import manifest as manifest_lib  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 EVIS = [sys.executable, "-c", "import sys; from efficientvis.cli import main; sys.exit(main())"]
-GRAPHS = ("backbone", "stage_0", "stage_1")
+GRAPHS = ("backbone", "stage_0", "stage_1", "mask_0", "mask_1")
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,11 @@ def test_exclusions_respected(calibrated):
         producer = {o: n for n in model.graph.node for o in n.output}
         excluded = q["excluded"][g]
         reasons = set(excluded.values())
-        if g != "backbone":
+        if g.startswith("stage_"):
             assert "attention MatMul (Softmax)" in reasons
-            assert {"output head (class_logits)", "output head (mask_probs)", "output head (proposals)"} <= reasons
+            assert {"output head (class_logits)", "output head (proposals)"} <= reasons
+        if g.startswith("mask_"):
+            assert "output head (mask_probs)" in reasons
         quantized_convs = 0
         for node in model.graph.node:
             inputs_dq = [producer.get(i) for i in node.input]
@@ -243,6 +245,7 @@ def test_record_from_a_video_file(exported, tmp_path):
         first = np.load(rec.files["stage_0"][0]["init_queries"])
         later = np.load(rec.files["stage_0"][1]["init_queries"])
         assert rec.files["stage_0"][0]["p2"] == rec.files["stage_1"][0]["p2"]  # features written once
+        assert len(rec.files["mask_0"]) == len(rec.files["mask_1"]) == 3  # every stage's mask head recorded
         q_star = np.load(os.path.join(exported["model_dir"], "initial_queries.npy"))
         assert np.array_equal(first, q_star) and not np.array_equal(later, q_star)  # carried over
     finally:

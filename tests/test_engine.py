@@ -180,6 +180,10 @@ def model_dir(tmp_path):
                           [{"name": "p2", "dtype": "float32", "shape": ["T", 3, "H", "W"]}]),
              "stage_0": (_stage_inputs(True), [{"name": "queries", "dtype": "float32", "shape": ["T", C, "H4", "W4"]}]),
              "stage_1": (_stage_inputs(False), [{"name": "queries", "dtype": "float32", "shape": ["T", C, "H4", "W4"]}])}
+    mask_inputs = _stage_inputs(False)[:4] + [{"name": "attended", "dtype": "float32", "shape": [N, "T", C]},
+                                              {"name": "proposals", "dtype": "float32", "shape": [N, "T", 4]}]
+    for k in range(2):
+        specs[f"mask_{k}"] = (mask_inputs, [{"name": "mask_probs", "dtype": "float32", "shape": ["T", C, "H4", "W4"]}])
     for name, (inputs, outputs) in specs.items():
         _tiny_onnx(str(d / f"{name}.onnx"), inputs, outputs, roi=name != "backbone")
         graphs[name] = {**manifest_lib.file_entry(str(d), f"{name}.onnx"), "inputs": inputs, "outputs": outputs}
@@ -267,7 +271,7 @@ def test_build_flow_with_a_stand_in_tensorrt(model_dir, tmp_path, monkeypatch):
     set_shapes = [c[1] for c in trt.calls if c[0] == "profile.set_shape"]
     assert ("frames", (1, 3, 32, 32), (4, 3, 192, 320), (6, 3, 320, 480)) in set_shapes
     # ENGINE_DIR as the runtime expects it
-    for g in ("backbone", "stage_0", "stage_1"):
+    for g in ("backbone", "stage_0", "stage_1", "mask_0", "mask_1"):
         assert open(os.path.join(out, f"{g}.engine"), "rb").read() == b"serialized-plan"
         meta = read_engine_metadata(os.path.join(out, f"{g}.engine"))
         assert check_engine_metadata(meta, "10.3.0", "Orin", "8.7")

@@ -83,21 +83,23 @@ def exported(checkpoint_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_gs(checkpoint_path, model, tmp_path_factory):
-    """The GridSample form of stage_0 only, through the exporter's own per-graph function (a whole
-    `--roi-align gridsample` export differs only in the stage graphs, and each export costs ~20 s
-    per graph on a busy 2-core machine); saved as MODEL_DIR/stage_0.onnx with a manifest."""
+    """The GridSample form of stage_0 and mask_0 only, through the exporter's own per-graph function
+    (a whole `--roi-align gridsample` export differs only in the stage and mask graphs, and each
+    export costs ~20 s per graph on a busy 2-core machine); saved in MODEL_DIR with a manifest."""
     out = str(tmp_path_factory.mktemp("model_gridsample"))
     cfg = model.cfg
     axes = E.axis_ranges(cfg.clip_length, 96, 192)
-    spec = E.graph_spec("stage_0", cfg.num_queries, cfg.hidden_dim, cfg.num_classes, 28)
-    proto = E.export_graph(model, "stage_0", "gridsample", 17, axes, cfg.clip_length, spec, torch)
-    entry = E.save_graph(proto, out, "stage_0.onnx")
+    graphs = {}
+    for name in ("stage_0", "mask_0"):
+        spec = E.graph_spec(name, cfg.num_queries, cfg.hidden_dim, cfg.num_classes, 28)
+        proto = E.export_graph(model, name, "gridsample", 17, axes, cfg.clip_length, spec, torch)
+        graphs[name] = {**E.save_graph(proto, out, f"{name}.onnx"), "inputs": spec[0], "outputs": spec[1]}
     data = {"format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "roi_align": "gridsample",
             "T": cfg.clip_length, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
             "class_names": [f"c{k}" for k in range(cfg.num_classes)],
             "category_ids": list(range(1, cfg.num_classes + 1)),
             "preprocessing": {"test_size": 96, "max_size": 192},
-            "graphs": {"stage_0": {**entry, "inputs": spec[0], "outputs": spec[1]}}}
+            "graphs": graphs}
     manifest_lib.write(out, data)
     return out, data
 
@@ -132,7 +134,7 @@ def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs
     image_size = np.array([H, W], np.float32)
     q0 = model.init_queries.weight.detach().numpy() + 0.1  # not q*: any clip's start queries
     ref, feeds = E.torch_reference(model, frames, image_size, q0, form)
-    names = ["backbone", "stage_0", "stage_1", "model"] if form == "roialign" else ["stage_0"]
+    names = G.split_names(2) + ["model"] if form == "roialign" else ["stage_0", "mask_0"]
     errors = {}
     for name in names:
         got = run_graph(model_dir, name, feeds[name])
@@ -144,7 +146,7 @@ def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs
             errors[f"{name}.{out}"] = err
             assert err <= tolerance(out, ref[name][out], rel=5e-6 if name == "model" else 2e-6), \
                 (name, out, err)
-    assert ref["stage_0"]["mask_probs"].shape == (4, T, 28, 28)
+    assert ref["mask_0"]["mask_probs"].shape == (4, T, 28, 28)
     assert ref["stage_0"]["next_queries"].shape == (4, 32)
     print(f"\n{form} T={T} {H}x{W}: " + json.dumps({k: f"{v:.1e}" for k, v in errors.items()}))
 
@@ -155,9 +157,9 @@ def test_gridsample_form_close_to_roialign_kernel(model, exported_gs):
     frames = synthetic_frames(T, H, W)
     ref, feeds = E.torch_reference(model, frames, np.array([H, W], np.float32),
                                    model.init_queries.weight.detach().numpy(), "roialign")
-    for name in ("stage_0",):
+    for name in ("stage_0", "mask_0"):
         got = run_graph(exported_gs[0], name, feeds[name])
-        for out in ("queries", "class_logits", "mask_probs", "next_queries"):
+        for out in set(got) - {"proposals"}:
             assert np.abs(got[out] - ref[name][out]).max() <= 1e-3, (name, out)
 
 
@@ -171,6 +173,7 @@ def test_fused_graph_equals_stages_in_sequence(exported):
     out = run_graph(model_dir, "stage_0", {**feats, "init_queries": q0, "image_size": image_size})
     out = run_graph(model_dir, "stage_1", {**feats, "queries_in": out["queries"],
                                            "proposals_in": out["proposals"]})
+    out.update(run_graph(model_dir, "mask_1", {**feats, "attended": out["attended"], "proposals": out["proposals"]}))
     fused = run_graph(model_dir, "model", {"frames": frames, "init_queries": q0, "image_size": image_size})
     assert list(fused) == list(G.FUSED_OUTPUTS)
     for name in G.FUSED_OUTPUTS:
@@ -187,7 +190,10 @@ def _dims(value):
 
 def test_graph_interface_names_and_shapes(exported):
     model_dir, data = exported
-    assert sorted(data["graphs"]) == ["backbone", "model", "stage_0", "stage_1"]
+    assert sorted(data["graphs"]) == ["backbone", "mask_0", "mask_1", "model", "stage_0", "stage_1"]
+    features = [(f"p{k}", 1, ["T", 32, f"H{2 ** k}", f"W{2 ** k}"]) for k in (2, 3, 4, 5)]
+    mask_head = (features + [("attended", 1, [4, "T", 32]), ("proposals", 1, [4, "T", 4])],
+                 [("mask_probs", 1, [4, "T", 28, 28])])
     expect = {
         "backbone": ([("frames", 2, ["T", 3, "H", "W"])],
                      [(f"p{k}", 1, ["T", 32, f"H{2 ** k}", f"W{2 ** k}"]) for k in (2, 3, 4, 5)]),
@@ -198,9 +204,10 @@ def test_graph_interface_names_and_shapes(exported):
         "model": ([("frames", 2, ["T", 3, "H", "W"]), ("init_queries", 1, [4, 32]), ("image_size", 1, [2])],
                   [("class_logits", 1, [4, "T", 3]), ("proposals", 1, [4, "T", 4]),
                    ("mask_probs", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]),
+        "mask_0": mask_head, "mask_1": mask_head,
     }
     stage_out = [("queries", 1, [4, "T", 32]), ("proposals", 1, [4, "T", 4]), ("class_logits", 1, [4, "T", 3]),
-                 ("mask_probs", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]
+                 ("attended", 1, [4, "T", 32]), ("next_queries", 1, [4, 32])]
     for name, (inputs, outputs) in expect.items():
         m = onnx.load(os.path.join(model_dir, f"{name}.onnx"))
         got_in = [(v.name, v.type.tensor_type.elem_type, _dims(v)) for v in m.graph.input]
@@ -225,29 +232,29 @@ def test_checker_full_and_static_shape_ops(form, exported, exported_gs):
         ops = {n.op_type for n in m.graph.node}
         assert not ops & DATA_DEPENDENT, (name, ops & DATA_DEPENDENT)
         assert not m.functions
-        if name.startswith("stage"):
+        if name.startswith(("stage", "mask")):
             assert ("RoiAlign" in ops) == (form == "roialign") and ("GridSample" in ops) == (form == "gridsample")
         else:
             assert "RoiAlign" not in ops and "GridSample" not in ops or name == "model"
 
 
-def test_roialign_nodes_half_pixel_explicit_sampling_ratio(exported):
-    m = onnx.load(os.path.join(exported[0], "stage_1.onnx"))
+@pytest.mark.parametrize("name,size", [("stage_1", 7), ("mask_1", 14)])
+def test_roialign_nodes_half_pixel_explicit_sampling_ratio(exported, name, size):
+    m = onnx.load(os.path.join(exported[0], f"{name}.onnx"))
     nodes = [n for n in m.graph.node if n.op_type == "RoiAlign"]
-    assert len(nodes) == 8  # 4 FPN levels x (query path 7x7, mask path 14x14)
-    sizes = set()
+    assert len(nodes) == 4  # 4 FPN levels: query path 7x7 (stage), mask path 14x14 (mask head)
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert attrs["coordinate_transformation_mode"] == b"half_pixel"
         assert attrs["mode"] == b"avg" and attrs["sampling_ratio"] == 2
-        sizes.add((attrs["output_height"], attrs["output_width"]))
-    assert sizes == {(7, 7), (14, 14)}
+        assert (attrs["output_height"], attrs["output_width"]) == (size, size)
 
 
-def test_gridsample_nodes(exported_gs):
-    m = onnx.load(os.path.join(exported_gs[0], "stage_0.onnx"))
+@pytest.mark.parametrize("name", ["stage_0", "mask_0"])
+def test_gridsample_nodes(exported_gs, name):
+    m = onnx.load(os.path.join(exported_gs[0], f"{name}.onnx"))
     nodes = [n for n in m.graph.node if n.op_type == "GridSample"]
-    assert len(nodes) == 8 and not [n for n in m.graph.node if n.op_type == "RoiAlign"]
+    assert len(nodes) == 4 and not [n for n in m.graph.node if n.op_type == "RoiAlign"]
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert attrs.get("mode", b"bilinear") == b"bilinear" and attrs.get("align_corners", 0) == 0
@@ -276,7 +283,7 @@ def test_manifest_content(exported, model):
     assert axes["T"] == {"min": 1, "opt": 4, "max": 4}
     assert axes["H"]["max"] == axes["W"]["max"] == 192 and axes["H"]["min"] == 32
     assert axes["W4"] == {"expr": "ceil(W/4)", "min": 8, "opt": -(-axes["W"]["opt"] // 4), "max": 48}
-    assert data["stages"] == ["stage_0", "stage_1"]
+    assert data["stages"] == ["stage_0", "stage_1"] and data["mask_heads"] == ["mask_0", "mask_1"]
     for name, entry in data["graphs"].items():
         assert entry["file"] == f"{name}.onnx" and entry["external_data"] == []
         assert entry["sha256"] == manifest_lib.sha256_of(os.path.join(model_dir, entry["file"]))
@@ -312,7 +319,8 @@ def test_manifest_load_verifies_every_file(exported, tmp_path):
     with pytest.raises(UserError, match=r"initial_queries\.npy: missing"):
         manifest_lib.load(copy)
     assert evis(["check", copy]) == 1  # the check reads the manifest too
-    for version, message in ((1, "older evis export .* export the checkpoint again"), (99, "newer than")):
+    for version, message in ((1, "older evis export .*mask logits.* export the checkpoint again"),
+                             (2, "older evis export .*mask heads.* export the checkpoint again"), (99, "newer than")):
         data = json.load(open(os.path.join(exported[0], "manifest.json")))
         data["format_version"] = version
         with open(os.path.join(copy, "manifest.json"), "w") as f:

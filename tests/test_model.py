@@ -98,12 +98,15 @@ def test_model_outputs_every_iteration_any_clip_length():
         assert s["mask_logits"].shape == (1, 4, 3, 28, 28)
         assert out["next_queries"].shape == (1, 4, 32)
         torch.testing.assert_close(out["next_queries"], s["queries"].mean(2))
+        # eval: only the last iteration's masks are computed (training mode: every iteration's)
+        assert all("mask_logits" not in st for st in out["stages"][:-1])
         anytime = model(frames, num_iterations=1)
         assert len(anytime["stages"]) == 1
         torch.testing.assert_close(anytime["stages"][0]["boxes"], out["stages"][0]["boxes"])
         # the recurrence: other initial queries change the result
         other = model(frames, init_queries=out["next_queries"])
         assert not torch.allclose(other["stages"][-1]["class_logits"], s["class_logits"])
+        assert all("mask_logits" in st for st in model.train()(frames)["stages"])  # deep supervision
 
 
 def test_initial_queries_repeat_one_embedding_and_proposals_cover_the_image():

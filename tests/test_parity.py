@@ -133,9 +133,10 @@ def test_parity_fp32_passes_with_documented_json(tiny, tmp_path, capsys):
     assert BACKEND_KEYS <= set(fp32) and fp32["status"] == "passed"
     assert fp32["providers"] == ["CPUExecutionProvider"]
     per_graph = fp32["per_tensor"]["per_graph"]
-    assert set(per_graph) == {"backbone", "stage_0", "stage_1"}
+    assert set(per_graph) == {"backbone", "stage_0", "stage_1", "mask_0", "mask_1"}
     assert set(per_graph["backbone"]) == {"p2", "p3", "p4", "p5"}
-    assert set(per_graph["stage_1"]) == {"queries", "proposals", "class_logits", "mask_probs", "next_queries"}
+    assert set(per_graph["stage_1"]) == {"queries", "proposals", "class_logits", "attended", "next_queries"}
+    assert set(per_graph["mask_1"]) == {"mask_probs"} and per_graph["mask_1"]["mask_probs"]["max_abs"] <= 1e-4
     for stats in list(per_graph["stage_0"].values()) + list(fp32["per_tensor"]["per_clip"].values()):
         assert STATS_KEYS <= set(stats) and stats["passed"]
     assert per_graph["stage_0"]["class_logits"]["max_abs"] <= 1e-4
@@ -173,7 +174,7 @@ def test_parity_qdq_folder_is_judged_as_int8(tiny, tmp_path):
     INT8 backend with the INT8 tolerances (no absolute bounds, cosine >= 0.98)."""
     qdq = tmp_path / "qdq"
     qdq.mkdir()
-    for name in ("backbone", "stage_0", "stage_1"):
+    for name in ("backbone", "stage_0", "stage_1", "mask_0", "mask_1"):
         shutil.copy(os.path.join(tiny["model_dir"], f"{name}.onnx"), qdq / f"{name}.onnx")
     rc, report = _parity(tiny, tmp_path, "--qdq", str(qdq), "--backends", "ort-int8", "--videos", "1",
                          "--clips", "1")

@@ -61,8 +61,9 @@ class QueryVideoIteration(nn.Module):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.class_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, features, queries, boxes):
+    def forward(self, features, queries, boxes, with_masks=True):
         # features: FPN maps (B*T, C, h, w); queries (B, N, T, C); boxes (B, N, T, 4) xyxy pixels
+        # with_masks=False leaves the mask head out (the export's stage graphs: export/graphs.py)
         cfg = self.cfg
         roi = tracklet_roi_features(features, boxes, cfg.pooler_size, cfg.sampling_ratio)
         attended = self.self_attention(queries)  # Eq. 1-2
@@ -72,8 +73,13 @@ class QueryVideoIteration(nn.Module):
             q = q.mean(2, keepdim=True).expand_as(q)
         class_logits = self.class_logits(self.cls_module(q))  # (B, N, T, K)
         new_boxes = apply_deltas(self.bbox_deltas(self.reg_module(q)), boxes)  # (B, N, T, 4)
-        mask_roi = tracklet_roi_features(features, new_boxes.detach(), cfg.mask_pooler_size,
-                                         cfg.sampling_ratio)
-        mask_logits = self.mask_head(attended, mask_roi)  # (B, N, T, 2S, 2S), S = mask_pooler_size
-        return {"queries": q, "boxes": new_boxes, "class_logits": class_logits,
-                "mask_logits": mask_logits}
+        out = {"queries": q, "boxes": new_boxes, "class_logits": class_logits, "attended": attended}
+        if with_masks:
+            out["mask_logits"] = self.masks(features, attended, new_boxes.detach())
+        return out
+
+    def masks(self, features, attended, boxes):
+        """QueryInst-style dynamic mask head on RoIs of the refined proposals: attended (B, N, T, C),
+        boxes (B, N, T, 4) -> mask logits (B, N, T, 2S, 2S), S = mask_pooler_size."""
+        mask_roi = tracklet_roi_features(features, boxes, self.cfg.mask_pooler_size, self.cfg.sampling_ratio)
+        return self.mask_head(attended, mask_roi)

@@ -71,7 +71,9 @@ class EfficientVIS(nn.Module):
 
         Returns {"stages": [per-iteration outputs], "next_queries": (B, N, C)} where each stage has
         class_logits (B, N, T, K), boxes (B, N, T, 4) xyxy pixels, mask_logits (B, N, T, 2S, 2S),
-        queries (B, N, T, C). Fewer iterations than M give anytime inference.
+        queries (B, N, T, C), attended (B, N, T, C) (the mask head's input). Fewer iterations than M
+        give anytime inference. In eval mode only the last iteration run has mask_logits (the mask
+        head is the most expensive part of an iteration; training supervises every iteration's).
         `denoise_boxes` (training): per clip, (G_b, T, 4) noised ground-truth tracklet boxes; their
         iterations' outputs come back under "denoise" (one list of stages per clip, or None).
         """
@@ -81,7 +83,7 @@ class EfficientVIS(nn.Module):
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
         boxes = self.initial_proposals(image_sizes.float(), T)
-        stages = self.iterate(features, queries, boxes, num_iterations)
+        stages = self.iterate(features, queries, boxes, num_iterations, all_masks=self.training)
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
         if denoise_boxes is not None:  # training only (training/denoising.py)
             start = self.init_queries.weight.mean(0)  # (C,)
@@ -95,11 +97,13 @@ class EfficientVIS(nn.Module):
                 out["denoise"].append(self.iterate(clip_features, q, noised[None], num_iterations))
         return out
 
-    def iterate(self, features, queries, boxes, num_iterations=None):
-        """The M query-video iterations; returns the list of per-iteration outputs."""
+    def iterate(self, features, queries, boxes, num_iterations=None, all_masks=True):
+        """The M query-video iterations; returns the list of per-iteration outputs (mask logits of
+        every iteration, or of the last one only)."""
         stages = []
-        for iteration in self.iterations[: num_iterations or len(self.iterations)]:
-            out = iteration(features, queries, boxes)
+        run = self.iterations[: num_iterations or len(self.iterations)]
+        for k, iteration in enumerate(run):
+            out = iteration(features, queries, boxes, with_masks=all_masks or k == len(run) - 1)
             # proposals are not back-propagated through between iterations (Sparse R-CNN); the
             # learned initial boxes get their gradient from the first iteration's box loss
             queries, boxes = out["queries"], out["boxes"].detach()
