@@ -262,7 +262,7 @@ def test_build_flow_with_a_stand_in_tensorrt(model_dir, tmp_path, monkeypatch):
              "profile.set_shape", "config.add_optimization_profile", "builder.build_serialized_network"]
     positions = [names.index(n) for n in order]
     assert positions == sorted(positions)
-    assert names.count("builder.build_serialized_network") == 3
+    assert names.count("builder.build_serialized_network") == 5  # backbone, 2 stages, 2 mask heads
     assert ("config.set_memory_pool_limit", (0, 256 << 20)) in trt.calls
     assert ("builder.create_network", (0,)) in trt.calls  # weak typing on 10.3
     # FP16 flag and FP32 RoiAlign layer on the weakly typed 10.3 build

@@ -166,7 +166,7 @@ def test_fused_model_matches_split_graphs(exported):
     fused = OrtBackend(exported["model_dir"], threads=1, fused=True)
     fused_bound = OrtBackend(exported["model_dir"], threads=1, fused=True)
     fused_bound.on_device, fused_bound.device_type = True, "cpu"
-    assert list(fused.sessions) == ["model"] and len(split.sessions) == 3
+    assert list(fused.sessions) == ["model"] and len(split.sessions) == 5  # backbone, 2 stages, 2 mask heads
     rng = np.random.default_rng(2)
     for b in (split, fused, fused_bound):
         b.start_video()
