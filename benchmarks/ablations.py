@@ -11,6 +11,7 @@ with that schedule instead of training the baseline again.
 Variants (each a full `evis train --config tiny` run with one change):
   baseline      factorised attention, temporal dynamic conv, correspondence learning
   no_cl         data.correspondence=off                     (Table 1e)
+  no_cl_4clips  no_cl with 4 single clips per step: as many clips as the baseline's 2 pairs
   spatial       model.attention=spatial                     (Table 1a)
 and for the baseline checkpoint two inference schemes: end-to-end query feedback vs hand-crafted
 linking (Table 1d). Writes OUT/ablations.json and prints a markdown table for docs/ablations.md.
@@ -26,6 +27,8 @@ import sys
 VARIANTS = {
     "baseline": [],
     "no_cl": ["data.correspondence=off"],
+    # the same clips per step as the baseline's pairs (B = 2 pairs = 4 clips), steps per epoch kept
+    "no_cl_4clips": ["data.correspondence=off", "train.batch_size=4", "train.samples_per_epoch=400"],
     "spatial": ["model.attention=spatial"],
 }
 

@@ -208,8 +208,8 @@ def test_overfits_two_short_videos(tmp_path):
     synth.generate(root, 2, frames=8, height=96, width=160, seed=3, max_objects=2, workers=1)
     out = str(tmp_path / "run")
     # 28x28 masks: the tiny recipe's 14x14 masks cap AP at ~0.65 on these 96-pixel frames (AP50 1.0)
-    settings = SMALL + ["model.mask_pooler_size=14", "train.samples_per_epoch=2", "train.batch_size=2", "train.epochs=150",
-                        "train.lr=1e-3", "train.lr_drop_epochs=[120]", "train.checkpoint_every=1000",
+    settings = SMALL + ["model.mask_pooler_size=14", "train.samples_per_epoch=2", "train.batch_size=2", "train.epochs=250",
+                        "train.lr=1e-3", "train.lr_drop_epochs=[200]", "train.checkpoint_every=1000",
                         "data.valid_images=train/JPEGImages", "data.valid_annotations=train/annotations.json"]
     args = ["train", "--config", "tiny", "--data", root, "--out", out, "--threads", "2"]
     for item in settings:
@@ -217,5 +217,8 @@ def test_overfits_two_short_videos(tmp_path):
     assert main(args) == 0
     with open(os.path.join(out, "valid.csv")) as f:
         metrics = list(csv.DictReader(f))[-1]
-    # Target (issue 3): AP >= 0.90 within ~1 minute; the current recipe reaches ~0.80 in 150 steps.
-    assert float(metrics["AP"]) >= 0.75, metrics
+    # Target (issue 3): AP >= 0.90 within ~1 minute. Measured: 0.751 after 150 steps, 0.876 after
+    # 250 (~2 min) and 300. At 250 steps all three tracks are found with the right identity (one
+    # object leaves the frame for four frames and comes back), tube IoUs 0.958 / 0.937 / 0.828: the
+    # last is that object's 43-280 pixel masks at the frame border (frame IoUs 0.65-0.88).
+    assert float(metrics["AP"]) >= 0.85, metrics
