@@ -58,7 +58,11 @@ def main():
     p.add_argument("--steps", type=int, default=946, help="training steps of every variant")
     p.add_argument("--baseline", help="a baseline checkpoint trained with this schedule (skips training it)")
     args = p.parse_args()
+    summary = os.path.join(args.out, "ablations.json")
     rows = {}
+    if os.path.isfile(summary):  # variants run before (e.g. one at a time with --variants) are kept
+        with open(summary) as f:
+            rows = json.load(f)
     for name in args.variants:
         work = os.path.join(args.out, name)
         ckpt = os.path.join(work, "final.pt")
@@ -72,7 +76,7 @@ def main():
         if name == "baseline":
             rows["handcrafted"] = evaluate(ckpt, args.data, os.path.join(work, "metrics_handcrafted.json"),
                                            "infer.linking=handcrafted")
-    with open(os.path.join(args.out, "ablations.json"), "w") as f:
+    with open(summary, "w") as f:
         json.dump(rows, f, indent=2)
     print("| variant | AP | AP50 | AP75 | AR1 | AR10 |\n|---|---|---|---|---|---|")
     for name, m in rows.items():
