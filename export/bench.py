@@ -371,7 +371,7 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """The sessions of an OrtBackend, called as OrtBackend's clip forward calls them."""
+    """An OrtBackend's clip forward, with the time of each part it runs."""
 
     def __init__(self, backend):
         self.backend = backend
@@ -381,36 +381,10 @@ class OrtRunner:
         self.backend.start_video()
 
     def run(self, frames, stages):
-        from efficientvis.runtime.ort_backend import FEATURES, FUSED_OUTPUTS, MASK_OUTPUTS, STAGE_OUTPUTS
-
-        b = self.backend
-        times = {}
+        b, times = self.backend, {}
         frames = np.ascontiguousarray(frames, np.uint8)
-        first = {"init_queries": b.queries, "image_size": np.array(frames.shape[-2:], np.float32)}
-        t0 = time.perf_counter()
-        x = b._to_device(frames) if b.on_device else frames
-        if b.fused:
-            out = b._call("model", {"frames": x, **first}, FUSED_OUTPUTS)
-            times["fused_graph"] = time.perf_counter() - t0
-        else:
-            features = b._call("backbone", {"frames": x}, FEATURES)
-            times["backbone"] = time.perf_counter() - t0
-            for k in range(stages):
-                t0 = time.perf_counter()
-                feeds = dict(features, **(first if k == 0 else
-                                          {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
-                out = b._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
-                times[f"stage_{k}"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out.update(b._call(f"mask_{stages - 1}", dict(features, attended=out["attended"],
-                                                          proposals=out["proposals"]), MASK_OUTPUTS))
-            times["mask_head"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        b.queries = out["next_queries"]
-        host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
-        host = {k: v.numpy() if b.on_device else v for k, v in host.items()}
-        times["outputs_to_host"] = time.perf_counter() - t0
-        return host, times
+        out = b._forward(frames, np.array(frames.shape[-2:], np.float32), stages, times)
+        return out, times
 
 
 class WholeRunner:

@@ -487,19 +487,13 @@ def summarise_runs(collectors, gt, top_k):
 def results_track_summaries(gt, results, path):
     """A YouTube-VIS results list -> {video id: {track: (category id, {frame: RLE bytes})}}.
 
-    The top-k entries of one track share its masks, so entries with identical masks are one track,
-    labelled with the category of its highest-scoring entry (the argmax of its averaged class
-    probabilities, as `track_summary` labels a collector's track)."""
-    from efficientvis.ytvis.metric import validate_results
+    Tracks as `metric.track_entries` finds them, labelled with the category of their highest-scoring
+    entry (the argmax of the averaged class probabilities, as `track_summary` labels a collector's
+    track)."""
+    from efficientvis.ytvis.metric import track_entries
 
-    groups = {}
-    for det in validate_results(gt, results, path):
-        key = tuple(None if r is None else bytes(r["counts"]) for r in det.rles)
-        best = groups.setdefault(det.video_id, {}).get(key)
-        if best is None or det.score > best.score:
-            groups[det.video_id][key] = det
     return {vid: {k: (d.category_id, {t: r for t, r in enumerate(d.rles) if r is not None})
-                  for k, d in enumerate(tracks.values())} for vid, tracks in groups.items()}
+                  for k, d in enumerate(dets)} for vid, dets in track_entries(gt, results, path).items()}
 
 
 def end_to_end(ref_tracks, got_tracks, gt, got_results, ref_metrics):

@@ -31,6 +31,7 @@ on every provider (TensorRT EP with trt_int8_enable). FP16 is a TensorRT EP opti
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -250,20 +251,35 @@ class OrtBackend:
         session.run_with_iobinding(binding)
         return dict(zip(outputs, binding.get_outputs()))
 
-    def _forward(self, frames, image_size, stages):
+    def _forward(self, frames, image_size, stages, times=None):
+        """One clip through the graphs. `times` (a dict, for `evis bench`): seconds per part are
+        recorded into it (backbone, stage_k, mask_head or fused_graph, outputs_to_host)."""
+        last = [time.perf_counter()]
+
+        def lap(part):
+            if times is not None:
+                now = time.perf_counter()
+                times[part], last[0] = now - last[0], now
+
         first = {"init_queries": self.queries, "image_size": image_size}
         frames = self._to_device(frames) if self.on_device else frames
         if self.fused:
             out = self._call("model", {"frames": frames, **first}, FUSED_OUTPUTS)
+            lap("fused_graph")
         else:
             features = self._call("backbone", {"frames": frames}, FEATURES)
+            lap("backbone")
             for k in range(stages):
                 feeds = dict(features, **(first if k == 0 else
                                           {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
                 out = self._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
+                lap(f"stage_{k}")
                 if self.every_mask_head or k == stages - 1:
                     out.update(self._call(f"mask_{k}", dict(features, attended=out["attended"],
                                                             proposals=out["proposals"]), MASK_OUTPUTS))
+                    lap("mask_head")
         self.queries = out["next_queries"]  # an OrtValue on the device with IO binding
         host = {"class_logits": out["class_logits"], "boxes": out["proposals"], "mask_probs": out["mask_probs"]}
-        return {k: v.numpy() if self.on_device else v for k, v in host.items()}
+        host = {k: v.numpy() if self.on_device else v for k, v in host.items()}
+        lap("outputs_to_host")
+        return host

@@ -162,6 +162,19 @@ def validate_results(gt: ytvis_format.Dataset, results, path: str = "results") -
     return dets
 
 
+def track_entries(gt: ytvis_format.Dataset, results, path: str = "results") -> dict:
+    """{video id: [detection]}: one validated entry per track. The top-k entries of one track share
+    its masks, so entries with identical masks are one track, represented by its highest-scoring
+    entry (whose category is the track's argmax class)."""
+    groups = {}
+    for det in validate_results(gt, results, path):
+        key = tuple(None if r is None else bytes(r["counts"]) for r in det.rles)
+        best = groups.setdefault(det.video_id, {}).get(key)
+        if best is None or det.score > best.score:
+            groups[det.video_id][key] = det
+    return {vid: list(tracks.values()) for vid, tracks in groups.items()}
+
+
 def _mean_truthy(values, where: str) -> float:
     """The official `avg_area`: mean of the truthy entries (null and 0 left out), 0 if none."""
     kept = [a for a in values if a]
