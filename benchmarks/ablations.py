@@ -1,12 +1,14 @@
 """The paper's Table 1 directions on the synthetic data, each with the `make train-tiny` schedule.
 
     python benchmarks/ablations.py --data data/synth --out work_dirs/ablations [--variants ...]
-        [--steps 946] [--baseline models/tiny/tiny.pt]
+        [--steps N] [--set SECTION.KEY=VALUE ...] [--baseline models/tiny/tiny.pt]
 
-Every variant trains for the same number of steps (default 946: what the committed model made in
-its 28 minutes, lr drop at step 800), like the paper's equal-epoch comparisons; equal steps also
-keep the result independent of the machine's load. --baseline CKPT evaluates a checkpoint trained
-with that schedule instead of training the baseline again.
+Every variant trains for the same number of steps (default: the tiny config's own schedule, 1100
+steps with the lr drop at 900, what `make train-tiny` runs), like the paper's equal-epoch
+comparisons; equal steps also keep the result independent of the machine's load. --set changes
+every variant (e.g. the session-5 table: --steps 946 --set loss.class_loss=focal
+--set "train.lr_drop_epochs=[8]"). --baseline CKPT evaluates a checkpoint trained with that
+schedule instead of training the baseline again.
 
 Variants (each a full `evis train --config tiny` run with one change):
   baseline      factorised attention, temporal dynamic conv, correspondence learning
@@ -55,7 +57,9 @@ def main():
     p.add_argument("--data", default="data/synth")
     p.add_argument("--out", default="work_dirs/ablations")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=946, help="training steps of every variant")
+    p.add_argument("--steps", type=int, default=0, help="training steps of every variant (0: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override applied to every variant (repeatable)")
     p.add_argument("--baseline", help="a baseline checkpoint trained with this schedule (skips training it)")
     args = p.parse_args()
     summary = os.path.join(args.out, "ablations.json")
@@ -70,7 +74,7 @@ def main():
             ckpt = args.baseline
         elif not os.path.exists(ckpt):
             schedule = ["train.eval_every=0", "train.max_minutes=0", f"train.max_steps={args.steps}"]
-            sets = [x for s in VARIANTS[name] + schedule for x in ("--set", s)]
+            sets = [x for s in args.set + VARIANTS[name] + schedule for x in ("--set", s)]
             evis("train", "--config", "tiny", "--data", args.data, "--out", work, *sets)
         rows[name] = evaluate(ckpt, args.data, os.path.join(work, "metrics_e2e.json"))
         if name == "baseline":

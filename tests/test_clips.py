@@ -1,4 +1,4 @@
-"""Clip sampling (training), clip pairs (correspondence learning), inference clipping, frame size."""
+"""Clip sampling (training), clip pairs and chains (correspondence learning), inference clipping, frame size."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from efficientvis.ytvis.clips import (Clip, clip_span, inference_clips, resized_shape, sample_clip,
-                                      sample_clip_pair)
+                                      sample_clip_chain)
 
 
 def rngs(n=200):
@@ -61,7 +61,7 @@ def test_sample_clip_deterministic_and_invalid_args():
 def test_pair_long_video_non_overlapping_random_order():
     firsts_earlier = 0
     for rng in rngs():
-        a, b = sample_clip_pair(50, 8, 2, rng)  # span 15, 50 >= 30
+        a, b = sample_clip_chain(50, 8, 2, rng)  # span 15, 50 >= 30
         for c in (a, b):
             assert c.valid.all() and (np.diff(c.indices) == 2).all()
             assert c.indices.min() >= 0 and c.indices.max() < 50
@@ -73,7 +73,7 @@ def test_pair_long_video_non_overlapping_random_order():
 
 def test_pair_consecutive_mode():
     for rng in rngs(50):
-        a, b = sample_clip_pair(40, 5, 2, rng, consecutive=True)
+        a, b = sample_clip_chain(40, 5, 2, rng, consecutive=True)
         lo, hi = sorted([a, b], key=lambda c: c.indices[0])
         assert hi.indices[0] == lo.indices[-1] + 2
         both = np.concatenate([lo.indices, hi.indices])
@@ -82,7 +82,7 @@ def test_pair_consecutive_mode():
 
 def test_pair_medium_video_two_different_full_clips():
     for rng in rngs(100):
-        a, b = sample_clip_pair(12, 8, 1, rng)  # span 8 < 12 < 16
+        a, b = sample_clip_chain(12, 8, 1, rng)  # span 8 < 12 < 16
         assert a.valid.all() and b.valid.all()
         assert a.indices[0] != b.indices[0]
         assert max(a.indices.max(), b.indices.max()) < 12
@@ -90,12 +90,50 @@ def test_pair_medium_video_two_different_full_clips():
 
 def test_pair_short_video_splits_frames():
     for rng in rngs(50):
-        a, b = sample_clip_pair(7, 8, 1, rng)
+        a, b = sample_clip_chain(7, 8, 1, rng)
         real = sorted([a.indices[a.valid].tolist(), b.indices[b.valid].tolist()])
         assert real == [[0, 1, 2], [3, 4, 5, 6]]
         assert a.indices.shape == b.indices.shape == (8,)
-    a, b = sample_clip_pair(1, 4, 1, np.random.default_rng(0))
+    a, b = sample_clip_chain(1, 4, 1, np.random.default_rng(0))
     assert a.indices.tolist() == b.indices.tolist() == [0, 0, 0, 0]
+
+
+def test_chain_long_video_in_time_order_or_reversed():
+    forward = 0
+    for rng in rngs():
+        chain = sample_clip_chain(60, 6, 1, rng, clips=3)  # 60 >= 3 spans of 6
+        assert len(chain) == 3 and all(c.valid.all() for c in chain)
+        starts = [int(c.indices[0]) for c in chain]
+        ordered = sorted(chain, key=lambda c: c.indices[0])
+        for lo, hi in zip(ordered, ordered[1:]):
+            assert hi.indices[0] > lo.indices[-1]  # disjoint
+        assert starts in (sorted(starts), sorted(starts, reverse=True))  # never shuffled
+        forward += starts == sorted(starts)
+    assert 0 < forward < 200
+    for rng in rngs(20):
+        chain = sample_clip_chain(36, 6, 1, rng, clips=3, consecutive=True)
+        both = np.concatenate([c.indices for c in sorted(chain, key=lambda c: c.indices[0])])
+        assert (np.diff(both) == 1).all() and both.max() < 36
+
+
+def test_chain_shorter_videos_still_give_k_clips():
+    for rng in rngs(50):
+        chain = sample_clip_chain(14, 6, 1, rng, clips=3)  # 6 < 14 < 18: overlapping full clips
+        assert len({int(c.indices[0]) for c in chain}) == 3 and all(c.valid.all() for c in chain)
+        chain = sample_clip_chain(2, 6, 1, rng, clips=3)  # fewer frames than clips
+        assert [c.indices[c.valid].tolist() for c in sorted(chain, key=lambda c: c.indices[0])] in (
+            [[0], [0], [1]], [[0], [1], [1]])
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        sample_clip_chain(36, 6, 1, np.random.default_rng(0), clips=1)
+
+
+def test_chain_of_two_is_the_pair_sampler():
+    """Chains generalise the pairs without changing them: the same draws for k = 2 (the committed
+    model's training data) -- pinned on one seed."""
+    got = [c.indices.tolist() for c in sample_clip_chain(36, 6, 1, np.random.default_rng(7))]
+    x, y = sorted(int(v) for v in np.random.default_rng(7).integers(0, 36 - 12 + 1, size=2))
+    expected = [list(range(x, x + 6)), list(range(y + 6, y + 12))]
+    assert got in (expected, expected[::-1])
 
 
 @pytest.mark.parametrize("length,T", [(36, 36), (37, 36), (100, 36), (5, 36), (1, 1), (10, 3)])

@@ -262,7 +262,7 @@ def test_reproducible_from_seed_epoch_index(tiny):
 def test_pairs_share_instance_order(tmp_path):
     ann, root = make_dataset(str(tmp_path), video_frames=(20, 3))
     tf = build_transforms(min_size=[32, 40], max_size=80, flip_prob=0.5)
-    ds = VideoClipDataset(ann, root, T=4, pairs=True, transforms=tf, samples_per_epoch=10)
+    ds = VideoClipDataset(ann, root, T=4, clips_per_sample=2, transforms=tf, samples_per_epoch=10)
     saw_track_absent_in_one_clip = False
     for i in range(10):
         pair = ds[i]
@@ -358,3 +358,19 @@ def test_video_frames_for_inference(tiny):
     assert frames[0, 0, 20, 8 + 6] > 200  # RGB: red object of track 11 at frame 2
     with pytest.raises(UserError, match="image folder not found"):
         VideoFrames(video, os.path.join(root, "missing"))
+
+
+def test_chains_of_three_clips_share_instance_order(tmp_path):
+    ann, root = make_dataset(str(tmp_path), video_frames=(20, 3))
+    ds = VideoClipDataset(ann, root, T=4, clips_per_sample=3, samples_per_epoch=6)
+    for i in range(6):
+        chain = ds[i]
+        assert isinstance(chain, list) and len(chain) == 3
+        for clip in chain:
+            check_item(clip, 4)
+            assert torch.equal(clip["track_ids"], chain[0]["track_ids"])
+        if chain[0]["video_id"] == 1:  # 20 frames >= 3 spans of 4: disjoint, in time order or reversed
+            starts = [int(c["frame_indices"][0]) for c in chain]
+            assert starts in (sorted(starts), sorted(starts, reverse=True)) and len(set(starts)) == 3
+    batches = collate([ds[0], ds[1]])
+    assert isinstance(batches, list) and len(batches) == 3

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from efficientvis.cli import main
+from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import LossConfig, load_config
 from efficientvis.training.losses import TrackletCriterion, clip_loss_terms
 from efficientvis.training.matcher import crop_target_masks, extend_assignment, match_clip
-from efficientvis.training.train import correspondence_enabled, lr_factor
+from efficientvis.training.train import clips_per_sample, lr_factor
 from efficientvis.ytvis import synth
 
 SMALL = ["model.hidden_dim=32", "model.num_queries=4", "model.num_iterations=2", "model.backbone_width=8",
@@ -93,6 +94,32 @@ def test_absent_frames_are_background_and_supervise_empty_masks():
     assert torch.isclose(terms["dice"], clean["dice"])  # dice counts visible frames only
 
 
+def test_varifocal_class_target_is_the_box_iou():
+    """loss.class_loss=varifocal: the matched slot's true-class score is pulled towards the IoU of
+    its box in each frame (not towards 1), so scores rank localisation quality."""
+    target = _target()
+    out = _perfect_outputs(target, slots=[0, 1])
+    out["boxes"][0, :, 2] = out["boxes"][0, :, 0] + 15.0  # track 0: half as wide -> IoU 0.5
+    cfg = LossConfig(class_loss="varifocal")
+    q_g = (torch.tensor([0, 1]), torch.tensor([0, 1]))
+
+    def grad_at(p):  # d(class loss)/d(logit) of slot 0's true class in frame 1, at probability p
+        logits = out["class_logits"].clone()
+        logits[0, 1, 2] = torch.logit(torch.tensor(p))
+        logits.requires_grad_(True)
+        terms, _ = clip_loss_terms({**out, "class_logits": logits}, target, q_g, cfg)
+        terms["class"].backward()
+        return float(logits.grad[0, 1, 2])
+
+    assert grad_at(0.3) < 0 < grad_at(0.7)  # the minimum is at IoU 0.5
+    assert abs(grad_at(0.5)) < 1e-6
+    terms, _ = clip_loss_terms(out, target, q_g, cfg)
+    perfect, _ = clip_loss_terms(_perfect_outputs(target, slots=[0, 1]), target, q_g, cfg)
+    assert perfect["class"] < terms["class"]
+    with pytest.raises(UserError, match="class_loss must be one of focal, varifocal"):
+        TrackletCriterion(LossConfig(class_loss="softmax"))
+
+
 def test_criterion_supervises_every_iteration():
     target = _target()
     stage = {k: v[None] for k, v in _perfect_outputs(target, slots=[0, 1]).items()}
@@ -142,11 +169,14 @@ def test_lr_schedule_and_correspondence_rule():
     assert lr_factor(100, 100, [500]) == 1.0
     assert lr_factor(500, 100, [500, 800]) == pytest.approx(0.1)
     cfg = load_config("tiny")
-    assert correspondence_enabled(cfg, cfg.model.clip_length + 1)
-    assert not correspondence_enabled(cfg, cfg.model.clip_length)
+    assert clips_per_sample(cfg, cfg.model.clip_length + 1) == 2  # the paper's pairs
+    assert clips_per_sample(cfg, cfg.model.clip_length) == 1
+    assert clips_per_sample(load_config("tiny", ["data.correspondence_clips=3"]), 100) == 3
     cfg = load_config("tiny", ["data.correspondence=off"])  # YAML 1.1 reads a bare off as false
-    assert cfg.data.correspondence == "off" and not correspondence_enabled(cfg, 100)
+    assert cfg.data.correspondence == "off" and clips_per_sample(cfg, 100) == 1
     assert load_config("tiny", ["data.correspondence=on"]).data.correspondence == "on"
+    with pytest.raises(UserError, match="correspondence_clips must be >= 2"):
+        clips_per_sample(load_config("tiny", ["data.correspondence_clips=1"]), 100)
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +195,12 @@ def _train(data, out, *settings, resume=False):
 
 
 def test_resume_continues_exactly(small_data, tmp_path):
+    """Also trains on chains of 3 clips (correspondence learning over two query-feedback hops)."""
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    assert _train(small_data, straight, "train.epochs=2") == 0
-    assert _train(small_data, split, "train.epochs=1") == 0
-    assert _train(small_data, split, "train.epochs=2", resume=True) == 0
+    chain = "data.correspondence_clips=3"
+    assert _train(small_data, straight, "train.epochs=2", chain) == 0
+    assert _train(small_data, split, "train.epochs=1", chain) == 0
+    assert _train(small_data, split, "train.epochs=2", chain, resume=True) == 0
     a = checkpoint.load(os.path.join(straight, "final.pt"))["model"]
     b = checkpoint.load(os.path.join(split, "final.pt"))["model"]
     assert checkpoint.load(os.path.join(split, "final.pt"))["step"] == 8

@@ -38,14 +38,14 @@ def pairwise_iou_giou(a, b):
     return iou, giou
 
 
-def elementwise_giou(a, b):
-    """a, b (..., 4) xyxy -> (...,) generalised IoU of corresponding boxes."""
+def elementwise_iou_giou(a, b):
+    """a, b (..., 4) xyxy -> IoU, generalised IoU (...,) of corresponding boxes."""
     inter_wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
     inter = inter_wh.prod(-1)
     union = box_area(a) + box_area(b) - inter
     iou = inter / union.clamp(min=1e-7)
     hull = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0).prod(-1)
-    return iou - (hull - union) / hull.clamp(min=1e-7)
+    return iou, iou - (hull - union) / hull.clamp(min=1e-7)
 
 
 def apply_deltas(deltas, boxes):

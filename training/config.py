@@ -56,6 +56,7 @@ class DataConfig:
     hflip: bool = False
     random_crop: bool = False
     correspondence: str = "auto"      # auto: on when the longest video has more than T frames
+    correspondence_clips: int = 2     # clips chained per sample when on (paper: pairs); > 2 trains more hops
     num_workers: int = 2
 
 
@@ -66,7 +67,9 @@ class LossConfig:
     giou_weight: float = 2.0
     dice_weight: float = 8.0
     mask_bce_weight: float = 2.0      # Eq. 5's L_CE, on every frame (absent frames -> empty mask)
+    class_loss: str = "focal"         # focal (paper Eq. 5) | varifocal (IoU targets, RT-DETR)
     focal_alpha: float = 0.25
+    varifocal_alpha: float = 0.75
     focal_gamma: float = 2.0
     match_class: float = 2.0
     match_l1: float = 5.0

@@ -14,14 +14,15 @@ Clip dict (one training sample; torch tensors unless noted), after all transform
     video_id       int
     image_size     (H, W)  ints after transforms
     orig_size      (h, w)  ints of the original video
-K counts only the tracks present in at least one frame of the clip (of either clip for a pair).
+K counts only the tracks present in at least one frame of the clip (of any clip of a chain).
 Crowd tracks are dropped. Padding frames keep the truthful annotation of the frame they repeat;
 the loss/matcher should ignore them via `frame_valid`. Frame sampling rules: ytvis.clips.
 
-With `pairs=True` an item is a list of two clip dicts of the same video (random order, paper Sec.
-3.3) whose instance rows are in the SAME order (same `track_ids`), so the second clip can reuse the
-first clip's assignment; a track absent from one clip has `present` all False there. Both clips get
-the same transform parameters (same scale, flip and crop), as consecutive clips do at inference.
+With `clips_per_sample=k >= 2` an item is a list of k clip dicts of the same video (a pair or a
+longer chain, paper Sec. 3.3, ytvis.clips.sample_clip_chain) whose instance rows are in the SAME
+order (same `track_ids`), so every later clip can reuse the first clip's assignment; a track absent
+from one clip has `present` all False there. All clips get the same transform parameters (same
+scale, flip and crop), as consecutive clips do at inference.
 
 Randomness: every item is a pure function of (seed, epoch, index) through
 `np.random.default_rng((seed, epoch, index))`; call `set_epoch(epoch)` before each epoch (or index
@@ -38,7 +39,7 @@ from efficientvis.errors import UserError
 from efficientvis.training.transforms import derive_targets, resize_frames
 from efficientvis.ytvis import format as ytvis_format
 from efficientvis.ytvis.format import read_frame
-from efficientvis.ytvis.clips import inference_clips, resized_shape, sample_clip, sample_clip_pair
+from efficientvis.ytvis.clips import inference_clips, resized_shape, sample_clip, sample_clip_chain
 
 
 def _to_chw(frames: np.ndarray) -> torch.Tensor:
@@ -53,18 +54,21 @@ class VideoClipDataset(torch.utils.data.Dataset):
         ann_path: YouTube-VIS annotation JSON.
         image_root: folder the videos' `file_names` are relative to (e.g. .../train/JPEGImages).
         T: frames per clip. stride: take every stride-th frame (low frame rate simulation).
-        pairs: yield two clips of one video (correspondence learning).
+        clips_per_sample: 1 for single clips, k >= 2 for chains of k clips of one video
+            (correspondence learning; the paper's pairs are k = 2).
         transforms: callable (frames, masks, rng) -> (frames, masks), e.g. transforms.Compose.
         samples_per_epoch: dataset length (default: number of videos); index i uses video
             i % num_videos, so every video is visited evenly.
         seed: base of the per-item random state.
-        consecutive_pairs: place the two clips of a pair back to back when the video allows it.
+        consecutive: place the clips of a chain back to back when the video allows it.
     """
 
-    def __init__(self, ann_path, image_root, T, stride=1, pairs=False, transforms=None,
-                 samples_per_epoch=None, seed=0, consecutive_pairs=False):
+    def __init__(self, ann_path, image_root, T, stride=1, clips_per_sample=1, transforms=None,
+                 samples_per_epoch=None, seed=0, consecutive=False):
         if int(T) < 1 or int(stride) < 1:
             raise UserError(f"clip length T and stride must be >= 1 (got T={T}, stride={stride})")
+        if int(clips_per_sample) < 1:
+            raise UserError(f"clips per sample must be >= 1, got {clips_per_sample}")
         self.data = ytvis_format.load(str(ann_path))
         self.image_root = str(image_root)
         if not os.path.isdir(self.image_root):
@@ -79,7 +83,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 raise UserError(f"{video.describe(0)}: missing image {path} (is the image folder "
                                 f"{self.image_root} the one these annotations refer to?)")
         self.T, self.stride = int(T), int(stride)
-        self.pairs, self.consecutive_pairs = bool(pairs), bool(consecutive_pairs)
+        self.clips_per_sample, self.consecutive = int(clips_per_sample), bool(consecutive)
         self.transforms = transforms
         self.seed = int(seed)
         self.epoch = 0
@@ -118,9 +122,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         rng = self.rng(index, epoch)
         video = self.data.videos[self.video_ids[index % len(self.video_ids)]]
-        if self.pairs:
-            clips = sample_clip_pair(video.length, self.T, self.stride, rng,
-                                     consecutive=self.consecutive_pairs)
+        if self.clips_per_sample > 1:
+            clips = sample_clip_chain(video.length, self.T, self.stride, rng, self.clips_per_sample,
+                                      consecutive=self.consecutive)
         else:
             clips = [sample_clip(video.length, self.T, self.stride, rng)]
         indices = np.concatenate([c.indices for c in clips])
@@ -138,7 +142,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             frames, masks = self.transforms(frames, masks, rng)
         present, boxes = derive_targets(masks)
-        keep = present.any(axis=1)  # over every frame of the clip (or of both clips of a pair)
+        keep = present.any(axis=1)  # over every frame of the clip (or of every clip of a chain)
         tracks = [tr for tr, k in zip(tracks, keep) if k]
         masks, present, boxes = masks[keep], present[keep], boxes[keep]
         labels = torch.tensor([self.label_of[tr.category_id] for tr in tracks], dtype=torch.int64)
@@ -163,7 +167,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 "image_size": (int(frames.shape[1]), int(frames.shape[2])),
                 "orig_size": (int(video.height), int(video.width)),
             })
-        return items if self.pairs else items[0]
+        return items if self.clips_per_sample > 1 else items[0]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -171,7 +175,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def collate(batch, size_divisibility: int = 32):
-    """List of clip dicts -> batch dict; list of pairs -> [batch of first clips, batch of seconds].
+    """List of clip dicts -> batch dict; list of chains -> [batch of first clips, of seconds, ...].
 
     Batch dict:
         frames       uint8 (B, T, 3, Hp, Wp): zero-padded bottom/right; Hp, Wp = max H, W of the

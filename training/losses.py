@@ -1,7 +1,9 @@
 """Clip loss (paper Eq. 5) with deep supervision over the M iterations.
 
 For matched (query sigma(j), ground truth j), per frame t:
-  focal class loss with target c_j on frames where j is visible and background elsewhere,
+  focal class loss with target c_j on frames where j is visible and background elsewhere
+  (`loss.class_loss=varifocal`: the target of c_j is the box IoU of that frame instead of 1,
+  RT-DETR's varifocal loss, so the class score also ranks how well the track is localised),
   box L1 (image-normalised) + GIoU and mask dice on visible frames,
   mask BCE on every frame (absent frames learn an empty mask).
 Unmatched queries only get the class loss towards background. Sums are divided by the number of
@@ -11,9 +13,13 @@ visible (track, frame) entries in the batch (all-reduced under DDP), BCE by its 
 import torch
 import torch.nn.functional as F
 
-from efficientvis.training.box_ops import elementwise_giou
+from efficientvis.errors import UserError
+from efficientvis.training.box_ops import elementwise_iou_giou
 from efficientvis.training.matcher import (crop_target_masks, dice_coefficient, extend_assignment,
                                            match_clip, normalised)
+
+
+CLASS_LOSSES = ("focal", "varifocal")
 
 
 def sigmoid_focal_loss(logits, targets, alpha, gamma):
@@ -24,6 +30,13 @@ def sigmoid_focal_loss(logits, targets, alpha, gamma):
     return (alpha * targets + (1 - alpha) * (1 - targets)) * loss
 
 
+def varifocal_loss(logits, targets, alpha, gamma):
+    """targets in [0, 1]: positives weighted by their target (IoU), negatives focal-weighted."""
+    p = logits.sigmoid()
+    weight = alpha * p.detach() ** gamma * (targets == 0) + targets
+    return F.binary_cross_entropy_with_logits(logits, targets, weight=weight, reduction="none")
+
+
 def clip_loss_terms(out, target, assignment, cfg):
     """Un-normalised loss sums of one clip at one iteration + the entry counts."""
     logits = out["class_logits"]  # (N, T, K)
@@ -32,17 +45,22 @@ def clip_loss_terms(out, target, assignment, cfg):
     valid = target["frame_valid"].float()  # (T,)
     present = target["present"][g].float() * valid  # (m, T)
 
+    pb = normalised(out["boxes"][q], target["image_size"])  # (m, T, 4)
+    gb = normalised(target["boxes"][g], target["image_size"])
+    iou, giou = elementwise_iou_giou(pb, gb)  # (m, T)
+
     class_target = torch.zeros_like(logits)
     if len(q):
         onehot = F.one_hot(target["labels"][g], K).float()  # (m, K)
-        class_target[q] = present[:, :, None] * onehot[:, None, :]
-    focal = sigmoid_focal_loss(logits, class_target, cfg.focal_alpha, cfg.focal_gamma)
-    terms = {"class": (focal.sum(-1) * valid).sum()}
-
-    pb = normalised(out["boxes"][q], target["image_size"])  # (m, T, 4)
-    gb = normalised(target["boxes"][g], target["image_size"])
+        strength = present * iou.detach().clamp(min=0) if cfg.class_loss == "varifocal" else present
+        class_target[q] = strength[:, :, None] * onehot[:, None, :]
+    if cfg.class_loss == "varifocal":
+        per_class = varifocal_loss(logits, class_target, cfg.varifocal_alpha, cfg.focal_gamma)
+    else:
+        per_class = sigmoid_focal_loss(logits, class_target, cfg.focal_alpha, cfg.focal_gamma)
+    terms = {"class": (per_class.sum(-1) * valid).sum()}
     terms["l1"] = ((pb - gb).abs().sum(-1) * present).sum()
-    terms["giou"] = ((1 - elementwise_giou(pb, gb)) * present).sum()
+    terms["giou"] = ((1 - giou) * present).sum()
 
     mask_logits = out["mask_logits"][q]  # (m, T, S, S)
     S = mask_logits.shape[-1]
@@ -87,6 +105,8 @@ class TrackletCriterion:
     """
 
     def __init__(self, cfg, reduce=None):
+        if cfg.class_loss not in CLASS_LOSSES:
+            raise UserError(f"loss.class_loss must be one of {', '.join(CLASS_LOSSES)}, got {cfg.class_loss!r}")
         self.cfg = cfg
         self.reduce = reduce or (lambda x: x)
 

@@ -2,7 +2,8 @@
 
 Every step trains one batch of clips, or of clip pairs when correspondence learning is on (paper
 Sec. 3.3): the second clip starts from the first clip's time-averaged output queries and reuses its
-assignment. Checkpoints are written atomically every `train.checkpoint_every` steps and at the end;
+assignment. `data.correspondence_clips` > 2 chains more clips the same way (each starts from the
+previous one's queries), so training sees as many query-feedback hops as inference makes. Checkpoints are written atomically every `train.checkpoint_every` steps and at the end;
 `--resume` continues exactly (the data order is a function of (seed, epoch, index)).
 """
 
@@ -42,7 +43,7 @@ def add_arguments(p):
 
 
 class TrainStep(nn.Module):
-    """One forward of a batch (or pair batch) + loss, so DDP sees one forward per backward."""
+    """One forward of a batch (or of a batch of clip chains) + loss, so DDP sees one forward per backward."""
 
     def __init__(self, model, criterion):
         super().__init__()
@@ -121,7 +122,7 @@ def data_paths(cfg, split):
     return images, annotations
 
 
-def build_train_dataset(cfg, pairs):
+def build_train_dataset(cfg, clips_per_sample):
     from efficientvis.training.dataset import VideoClipDataset
     from efficientvis.training.transforms import build_transforms
     images, annotations = data_paths(cfg, "train")
@@ -130,15 +131,19 @@ def build_train_dataset(cfg, pairs):
                                   flip_prob=0.5 if d.hflip else 0.0,
                                   crop={"relative_range": (0.5, 1.0), "prob": 0.5} if d.random_crop else None)
     return VideoClipDataset(annotations, images, cfg.model.clip_length, stride=d.frame_stride,
-                            pairs=pairs, transforms=transforms,
+                            clips_per_sample=clips_per_sample, transforms=transforms,
                             samples_per_epoch=cfg.train.samples_per_epoch or None, seed=cfg.train.seed)
 
 
-def correspondence_enabled(cfg, max_length):
+def clips_per_sample(cfg, max_length):
+    """1 without correspondence learning, else the length of the clip chains (2: the paper's pairs)."""
     mode = cfg.data.correspondence
     if mode not in ("auto", "on", "off"):
         raise UserError(f"data.correspondence must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and max_length > cfg.model.clip_length)
+    if cfg.data.correspondence_clips < 2:
+        raise UserError(f"data.correspondence_clips must be >= 2, got {cfg.data.correspondence_clips}")
+    enabled = mode == "on" or (mode == "auto" and max_length > cfg.model.clip_length)
+    return cfg.data.correspondence_clips if enabled else 1
 
 
 class Logger:
@@ -192,8 +197,8 @@ def run(args):
     from efficientvis.ytvis import format as ytvis_format
     _, train_ann = data_paths(cfg, "train")
     max_length = ytvis_format.load(train_ann).max_length()
-    pairs = correspondence_enabled(cfg, max_length)
-    dataset = build_train_dataset(cfg, pairs)
+    chain = clips_per_sample(cfg, max_length)
+    dataset = build_train_dataset(cfg, chain)
     if cfg.model.num_classes != len(dataset.class_names):
         if main:
             print(f"model.num_classes set to {len(dataset.class_names)} from the dataset")
@@ -250,7 +255,7 @@ def run(args):
             import yaml
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         print(f"training {cfg.name}: {len(dataset)} samples/epoch, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps, correspondence learning {'on' if pairs else 'off'}, "
+              f"{total_steps} steps, correspondence learning {f'on ({chain} clips)' if chain > 1 else 'off'}, "
               f"device {device}, world size {world}")
 
     def save(name):

@@ -2,7 +2,7 @@
 
 Torch-free (numpy only) so the deployed runtime applies exactly the rules that training used.
 
-Training (`sample_clip`, `sample_clip_pair`)
+Training (`sample_clip`, `sample_clip_chain`)
     A training clip always has exactly T frames so clips can be batched. A clip takes every
     `stride`-th frame (stride k simulates a video recorded at 1/k of the frame rate, paper Table 1h)
     from a random start, so it spans `(T - 1) * stride + 1` frames of the video. When the video is
@@ -12,14 +12,17 @@ Training (`sample_clip`, `sample_clip_pair`)
     `frame_valid`): a padded frame is a real, truthfully annotated image (a copy of the last one),
     but the loss and the matching cost should ignore it so short videos are not over-weighted.
 
-Correspondence learning (`sample_clip_pair`, paper Sec. 3.3)
-    Two different clips of one video, returned in random order (paper footnote 2):
-    - video long enough for two disjoint clips (length >= 2 * span): two non-overlapping clips at
+Correspondence learning (`sample_clip_chain`, paper Sec. 3.3)
+    k >= 2 different clips of one video (the paper pairs k = 2; longer chains train the query
+    feedback over as many hops as inference makes), in time order or reversed with probability 1/2
+    (for a pair: random order, paper footnote 2):
+    - video long enough for k disjoint clips (length >= k * span): k non-overlapping clips at
       random positions (every non-overlapping placement equally likely), or with
-      `consecutive=True` the second clip continues right where the first one stops, as at inference;
-    - span < length < 2 * span: two full clips at two different random starts (they overlap);
-    - length <= span (one clip reaches every sampled frame): the n sampled frames are split in two
-      consecutive halves, each padded to T (a 1-frame video gives the same frame twice).
+      `consecutive=True` each clip continues right where the previous one stops, as at inference;
+    - span < length < k * span: k full clips at different random starts (they overlap);
+    - length <= span (one clip reaches every sampled frame): the n sampled frames are split into k
+      consecutive parts of at least one frame, each padded to T (a 1-frame video gives the same
+      frame k times).
 
 Inference (`inference_clips`)
     The video is cut into consecutive, non-overlapping clips [0, T), [T, 2T), ... that cover every
@@ -88,37 +91,40 @@ def sample_clip(length: int, T: int, stride: int, rng: np.random.Generator) -> C
     return _pad(_reachable(length, stride, rng), T)
 
 
-def sample_clip_pair(length: int, T: int, stride: int, rng: np.random.Generator,
-                     consecutive: bool = False) -> list:
-    """Two different clips of one video for correspondence learning, in random order: [Clip, Clip].
+def sample_clip_chain(length: int, T: int, stride: int, rng: np.random.Generator, clips: int = 2,
+                      consecutive: bool = False) -> list:
+    """`clips` different clips of one video for correspondence learning: [Clip, ...] in time order
+    or, with probability 1/2, reversed (for two clips: random order, paper footnote 2).
 
     See the module docstring for the placement rule (non-overlapping when the video is long enough).
     """
     _check(length, T, stride)
+    if int(clips) < 2:
+        raise ValueError(f"a correspondence chain needs at least 2 clips, got {clips}")
+    k = int(clips)
     span = clip_span(T, stride)
     steps = stride * np.arange(T, dtype=np.int64)
     full = np.ones(T, bool)
-    if consecutive and length >= clip_span(2 * T, stride):
-        start = int(rng.integers(0, length - clip_span(2 * T, stride) + 1))
-        pair = [Clip(start + steps, full), Clip(start + T * stride + steps, full.copy())]
-    elif length >= 2 * span:
-        # Non-overlapping placements <-> x <= y in [0, slack]: first starts at x, second at y + span.
-        slack = length - 2 * span
-        x, y = sorted(int(v) for v in rng.integers(0, slack + 1, size=2))
-        pair = [Clip(x + steps, full), Clip(y + span + steps, full.copy())]
+    if consecutive and length >= clip_span(k * T, stride):
+        start = int(rng.integers(0, length - clip_span(k * T, stride) + 1))
+        chain = [Clip(start + i * T * stride + steps, full.copy()) for i in range(k)]
+    elif length >= k * span:
+        # Non-overlapping placements <-> x_1 <= ... <= x_k in [0, slack]: clip i starts at x_i + i*span.
+        slack = length - k * span
+        starts = sorted(int(v) for v in rng.integers(0, slack + 1, size=k))
+        chain = [Clip(x + i * span + steps, full.copy()) for i, x in enumerate(starts)]
     elif length > span:
-        a, b = sorted(int(v) for v in rng.choice(length - span + 1, size=2, replace=False))
-        pair = [Clip(a + steps, full), Clip(b + steps, full.copy())]
+        positions = length - span + 1
+        starts = sorted(int(v) for v in rng.choice(positions, size=k, replace=positions < k))
+        chain = [Clip(a + steps, full.copy()) for a in starts]
     else:
         frames = _reachable(length, stride, rng)
-        if len(frames) == 1:
-            pair = [_pad(frames, T), _pad(frames, T)]
-        else:
-            half = len(frames) // 2
-            pair = [_pad(frames[:half], T), _pad(frames[half:], T)]
+        n = len(frames)
+        # k consecutive parts of the sampled frames, each at least one frame long
+        chain = [_pad(frames[(i * n) // k:max((i * n) // k + 1, ((i + 1) * n) // k)], T) for i in range(k)]
     if rng.random() < 0.5:
-        pair.reverse()
-    return pair
+        chain.reverse()
+    return chain
 
 
 def inference_clips(length: int, T: int) -> list:
