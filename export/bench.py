@@ -574,9 +574,11 @@ def format_table(report) -> str:
         lines.append("ratios (model-only clip throughput): " +
                      ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
     for t in report["targets"]:
+        verdict = 'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'
+        if not t.get("at_target_size", True):
+            verdict = f"{verdict} here; the target is {t['note']}, this run is not that size"
         lines.append(f"target {t['name']} >= {t['target']}x: measured "
-                     f"{'-' if t['measured'] is None else '%.2fx' % t['measured']} "
-                     f"({'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'})")
+                     f"{'-' if t['measured'] is None else '%.2fx' % t['measured']} ({verdict})")
     return "\n".join(lines)
 
 
@@ -836,12 +838,16 @@ def run(args) -> int:
                 ratios[f"{a} / {base}"] = (by_name[base]["latency_ms"]["model"]["mean"]
                                            / b["latency_ms"]["model"]["mean"])
     targets = []
+    # the targets are stated for the paper-size model at 360x640, T = 9 (where the ratios mean
+    # something); on a smaller model per-call overhead dominates and the ratio says little
+    at_target_size = (cfg.model.backbone == "resnet50" and (in_h, in_w) == (360, 640) and clip == 9)
     for i, (a, base, target) in enumerate(TARGETS):
         measured = ratios.get(f"{a} / {base}")
         if i >= 2 and measured is None:
             continue
         targets.append({"name": f"{a} vs {base} (model-only clip throughput)", "target": target,
                         "measured": measured, "met": None if measured is None else bool(measured >= target),
+                        "at_target_size": at_target_size,
                         "note": "stated for r50_ytvis19 at 360x640, T=9 on 2 CPU cores"})
 
     torch_count = None
