@@ -14,7 +14,7 @@ from efficientvis.training import checkpoint
 from efficientvis.training.config import LossConfig, load_config
 from efficientvis.training.losses import TrackletCriterion, clip_loss_terms
 from efficientvis.training.matcher import crop_target_masks, extend_assignment, match_clip
-from efficientvis.training.train import clips_per_sample, lr_factor
+from efficientvis.training.train import clips_per_sample, lead_clips, lr_factor
 from efficientvis.ytvis import synth
 
 SMALL = ["model.hidden_dim=32", "model.num_queries=4", "model.num_iterations=2", "model.backbone_width=8",
@@ -168,10 +168,16 @@ def test_lr_schedule_and_correspondence_rule():
     assert lr_factor(0, 100, [500]) == pytest.approx(0.001)
     assert lr_factor(100, 100, [500]) == 1.0
     assert lr_factor(500, 100, [500, 800]) == pytest.approx(0.1)
+    cosine = [lr_factor(s, 100, [], "cosine", 1100) for s in (100, 600, 1100, 1200)]
+    assert cosine == pytest.approx([1.0, 0.505, 0.01, 0.01])  # half-way: mean of 1 and 0.01
     cfg = load_config("tiny")
     assert clips_per_sample(cfg, cfg.model.clip_length + 1) == 2  # the paper's pairs
     assert clips_per_sample(cfg, cfg.model.clip_length) == 1
     assert clips_per_sample(load_config("tiny", ["data.correspondence_clips=3"]), 100) == 3
+    lead = load_config("tiny", ["data.lead_clips=2"])
+    assert clips_per_sample(lead, 100) == 4  # a trained pair and up to 2 clips run before it
+    assert [lead_clips(lead, step, 4) for step in range(5)] == [0, 1, 2, 0, 1]
+    assert lead_clips(lead, 1, 1) == 0  # no chains without correspondence learning
     cfg = load_config("tiny", ["data.correspondence=off"])  # YAML 1.1 reads a bare off as false
     assert cfg.data.correspondence == "off" and clips_per_sample(cfg, 100) == 1
     assert load_config("tiny", ["data.correspondence=on"]).data.correspondence == "on"
@@ -195,12 +201,13 @@ def _train(data, out, *settings, resume=False):
 
 
 def test_resume_continues_exactly(small_data, tmp_path):
-    """Also trains on chains of 3 clips (correspondence learning over two query-feedback hops)."""
+    """Also trains on chains of 3 clips (correspondence learning over two query-feedback hops),
+    started every other step from the queries of a lead clip (data.lead_clips)."""
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    chain = "data.correspondence_clips=3"
-    assert _train(small_data, straight, "train.epochs=2", chain) == 0
-    assert _train(small_data, split, "train.epochs=1", chain) == 0
-    assert _train(small_data, split, "train.epochs=2", chain, resume=True) == 0
+    chain = ["data.correspondence_clips=3", "data.lead_clips=1"]
+    assert _train(small_data, straight, "train.epochs=2", *chain) == 0
+    assert _train(small_data, split, "train.epochs=1", *chain) == 0
+    assert _train(small_data, split, "train.epochs=2", *chain, resume=True) == 0
     a = checkpoint.load(os.path.join(straight, "final.pt"))["model"]
     b = checkpoint.load(os.path.join(split, "final.pt"))["model"]
     assert checkpoint.load(os.path.join(split, "final.pt"))["step"] == 8

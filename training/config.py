@@ -57,6 +57,8 @@ class DataConfig:
     random_crop: bool = False
     correspondence: str = "auto"      # auto: on when the longest video has more than T frames
     correspondence_clips: int = 2     # clips chained per sample when on (paper: pairs); > 2 trains more hops
+    correspondence_consecutive: bool = False  # chain clips back to back (as at inference) instead of anywhere
+    lead_clips: int = 0               # >0: chains start from the queries of 0..lead_clips earlier clips (no loss)
     num_workers: int = 2
 
 
@@ -83,6 +85,7 @@ class LossConfig:
 class TrainConfig:
     epochs: int = 33
     lr_drop_epochs: list = field(default_factory=lambda: [27])
+    lr_schedule: str = "step"         # step (x0.1 at lr_drop_epochs, the paper's) | cosine (to 1 % at the end)
     samples_per_epoch: int = 0        # 0: one sample per training video
     batch_size: int = 1               # clips (or clip pairs) per process
     accumulate: int = 1               # gradient accumulation steps

@@ -49,11 +49,16 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.criterion = model, criterion
 
-    def forward(self, batch):
+    def forward(self, batch, lead=0, supervised=None):
+        """`lead` clips of a chain run first without loss or gradient, only for their output
+        queries (data.lead_clips); the next `supervised` clips (default: the rest) are trained."""
         clips = batch if isinstance(batch, list) else [batch]
         total, logs, assignments, queries = 0.0, {}, None, None
         cfg = self.criterion.cfg
-        for k, clip in enumerate(clips):
+        with torch.no_grad():
+            for clip in clips[:lead]:
+                queries = self.model(clip["frames"], clip["image_sizes"], init_queries=queries)["next_queries"]
+        for clip in clips[lead:lead + supervised if supervised else None]:
             noised = tracks = None
             if cfg.denoising_weight > 0:
                 noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise) for t in clip["targets"]))
@@ -97,9 +102,13 @@ def _to_device(batch, device):
             "image_sizes": batch["image_sizes"].to(device, torch.float32), "targets": targets}
 
 
-def lr_factor(step, warmup_iters, drop_steps):
-    """Linear warm-up from 0.001, then x0.1 at every drop step (a function of the step: exact resume)."""
+def lr_factor(step, warmup_iters, drop_steps, schedule="step", total_steps=0):
+    """Linear warm-up from 0.001, then x0.1 at every drop step ("step", the paper's) or a cosine
+    decay to 0.01 at `total_steps` ("cosine"). A function of the step only: exact resume."""
     warm = min(1.0, 0.001 + (1 - 0.001) * step / warmup_iters) if warmup_iters > 0 else 1.0
+    if schedule == "cosine":
+        progress = min(1.0, max(0.0, (step - warmup_iters) / max(1, total_steps - warmup_iters)))
+        return warm * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
     return warm * 0.1 ** sum(step >= s for s in drop_steps)
 
 
@@ -132,18 +141,29 @@ def build_train_dataset(cfg, clips_per_sample):
                                   crop={"relative_range": (0.5, 1.0), "prob": 0.5} if d.random_crop else None)
     return VideoClipDataset(annotations, images, cfg.model.clip_length, stride=d.frame_stride,
                             clips_per_sample=clips_per_sample, transforms=transforms,
-                            samples_per_epoch=cfg.train.samples_per_epoch or None, seed=cfg.train.seed)
+                            samples_per_epoch=cfg.train.samples_per_epoch or None, seed=cfg.train.seed,
+                            consecutive=d.correspondence_consecutive)
 
 
 def clips_per_sample(cfg, max_length):
-    """1 without correspondence learning, else the length of the clip chains (2: the paper's pairs)."""
+    """1 without correspondence learning, else the length of the sampled clip chains: the trained
+    chain (2: the paper's pairs) plus up to `data.lead_clips` clips run before it."""
     mode = cfg.data.correspondence
     if mode not in ("auto", "on", "off"):
         raise UserError(f"data.correspondence must be auto, on or off, got {mode!r}")
     if cfg.data.correspondence_clips < 2:
         raise UserError(f"data.correspondence_clips must be >= 2, got {cfg.data.correspondence_clips}")
+    if cfg.data.lead_clips < 0:
+        raise UserError(f"data.lead_clips must be >= 0, got {cfg.data.lead_clips}")
     enabled = mode == "on" or (mode == "auto" and max_length > cfg.model.clip_length)
-    return cfg.data.correspondence_clips if enabled else 1
+    return cfg.data.correspondence_clips + cfg.data.lead_clips if enabled else 1
+
+
+def lead_clips(cfg, step, chain):
+    """Clips run without loss before the trained chain at this step: 0, 1, ..., data.lead_clips in
+    turn, so the trained chain starts from q* (like inference's first clip) as often as from the
+    queries of 1, 2, ... earlier clips (like its later clips)."""
+    return step % (cfg.data.lead_clips + 1) if chain > 1 else 0
 
 
 class Logger:
@@ -247,6 +267,8 @@ def run(args):
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
+    if cfg.train.lr_schedule not in ("step", "cosine"):
+        raise UserError(f"train.lr_schedule must be step or cosine, got {cfg.train.lr_schedule!r}")
     logger = Logger(args.out, main)
     if main:
         checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names,
@@ -286,7 +308,8 @@ def run(args):
             ctx = step_module.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.float16,
                                      enabled=cfg.train.amp and device.type == "cuda"):
-                loss, logs = step_module(batch)
+                loss, logs = step_module(batch, lead_clips(cfg, step, chain),
+                                         cfg.data.correspondence_clips if chain > 1 else None)
                 scaler.scale(loss / cfg.train.accumulate).backward()
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
@@ -294,7 +317,8 @@ def run(args):
             if not sync:
                 continue
             for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, cfg.train.warmup_iters, drop_steps)
+                g["lr"] = base * lr_factor(step, cfg.train.warmup_iters, drop_steps,
+                                                   cfg.train.lr_schedule, total_steps)
             if cfg.train.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
