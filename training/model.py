@@ -66,7 +66,8 @@ class EfficientVIS(nn.Module):
             init_queries = self.init_queries.weight[None].expand(B, -1, -1)
         return init_queries[:, :, None, :].expand(-1, -1, T, -1)
 
-    def forward(self, frames, image_sizes=None, init_queries=None, num_iterations=None, denoise_boxes=None):
+    def forward(self, frames, image_sizes=None, init_queries=None, num_iterations=None, denoise_boxes=None,
+                masks=None):
         """frames (B, T, 3, H, W); image_sizes (B, 2) un-padded (h, w), default the frame size.
 
         Returns {"stages": [per-iteration outputs], "next_queries": (B, N, C)} where each stage has
@@ -76,6 +77,8 @@ class EfficientVIS(nn.Module):
         head is the most expensive part of an iteration; training supervises every iteration's).
         `denoise_boxes` (training): per clip, (G_b, T, 4) noised ground-truth tracklet boxes; their
         iterations' outputs come back under "denoise" (one list of stages per clip, or None).
+        `masks` overrides which iterations run the mask head: "all", "last" or "none" (only the
+        queries are wanted, e.g. training's lead clips; queries never depend on the masks).
         """
         B, T, _, H, W = frames.shape
         if image_sizes is None:
@@ -83,7 +86,7 @@ class EfficientVIS(nn.Module):
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
         boxes = self.initial_proposals(image_sizes.float(), T)
-        stages = self.iterate(features, queries, boxes, num_iterations, all_masks=self.training)
+        stages = self.iterate(features, queries, boxes, num_iterations, masks or ("all" if self.training else "last"))
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
         if denoise_boxes is not None:  # training only (training/denoising.py)
             start = self.init_queries.weight.mean(0)  # (C,)
@@ -97,13 +100,14 @@ class EfficientVIS(nn.Module):
                 out["denoise"].append(self.iterate(clip_features, q, noised[None], num_iterations))
         return out
 
-    def iterate(self, features, queries, boxes, num_iterations=None, all_masks=True):
-        """The M query-video iterations; returns the list of per-iteration outputs (mask logits of
-        every iteration, or of the last one only)."""
+    def iterate(self, features, queries, boxes, num_iterations=None, masks="all"):
+        """The M query-video iterations; returns the list of per-iteration outputs with the mask
+        logits of every iteration ("all"), of the last one ("last") or of none ("none")."""
         stages = []
         run = self.iterations[: num_iterations or len(self.iterations)]
         for k, iteration in enumerate(run):
-            out = iteration(features, queries, boxes, with_masks=all_masks or k == len(run) - 1)
+            out = iteration(features, queries, boxes,
+                            with_masks=masks == "all" or (masks == "last" and k == len(run) - 1))
             # proposals are not back-propagated through between iterations (Sparse R-CNN); the
             # learned initial boxes get their gradient from the first iteration's box loss
             queries, boxes = out["queries"], out["boxes"].detach()

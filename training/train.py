@@ -3,8 +3,10 @@
 Every step trains one batch of clips, or of clip pairs when correspondence learning is on (paper
 Sec. 3.3): the second clip starts from the first clip's time-averaged output queries and reuses its
 assignment. `data.correspondence_clips` > 2 chains more clips the same way (each starts from the
-previous one's queries), so training sees as many query-feedback hops as inference makes. Checkpoints are written atomically every `train.checkpoint_every` steps and at the end;
-`--resume` continues exactly (the data order is a function of (seed, epoch, index)).
+previous one's queries), and `data.lead_clips` runs clips before the chain without loss, so the
+chain also starts from carried queries, as inference's later clips do. Checkpoints are written
+atomically every `train.checkpoint_every` steps and at the end; `--resume` continues exactly (the
+data order is a function of (seed, epoch, index)).
 """
 
 import contextlib
@@ -49,16 +51,17 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model, self.criterion = model, criterion
 
-    def forward(self, batch, lead=0, supervised=None):
+    def forward(self, batch, lead=0, trained=1):
         """`lead` clips of a chain run first without loss or gradient, only for their output
-        queries (data.lead_clips); the next `supervised` clips (default: the rest) are trained."""
+        queries (data.lead_clips); the next `trained` clips are trained."""
         clips = batch if isinstance(batch, list) else [batch]
         total, logs, assignments, queries = 0.0, {}, None, None
         cfg = self.criterion.cfg
         with torch.no_grad():
             for clip in clips[:lead]:
-                queries = self.model(clip["frames"], clip["image_sizes"], init_queries=queries)["next_queries"]
-        for clip in clips[lead:lead + supervised if supervised else None]:
+                queries = self.model(clip["frames"], clip["image_sizes"], init_queries=queries,
+                                     masks="none")["next_queries"]
+        for clip in clips[lead:lead + trained]:
             noised = tracks = None
             if cfg.denoising_weight > 0:
                 noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise) for t in clip["targets"]))
@@ -253,6 +256,7 @@ def run(args):
             dist.all_reduce(x)
             return x / world
     step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce))
+    trained_clips = cfg.data.correspondence_clips if chain > 1 else 1
     if world > 1:
         # find_unused_parameters: an FPN level's output conv gets no gradient in a step where no
         # RoI is assigned to that level (training pools each RoI on its own level only)
@@ -308,8 +312,7 @@ def run(args):
             ctx = step_module.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.float16,
                                      enabled=cfg.train.amp and device.type == "cuda"):
-                loss, logs = step_module(batch, lead_clips(cfg, step, chain),
-                                         cfg.data.correspondence_clips if chain > 1 else None)
+                loss, logs = step_module(batch, lead_clips(cfg, step, chain), trained_clips)
                 scaler.scale(loss / cfg.train.accumulate).backward()
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
@@ -317,8 +320,8 @@ def run(args):
             if not sync:
                 continue
             for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, cfg.train.warmup_iters, drop_steps,
-                                                   cfg.train.lr_schedule, total_steps)
+                g["lr"] = base * lr_factor(step, cfg.train.warmup_iters, drop_steps, cfg.train.lr_schedule,
+                                           total_steps)
             if cfg.train.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
