@@ -50,8 +50,12 @@ class EfficientVIS(nn.Module):
 
     def features(self, frames):
         """frames (B, T, 3, H, W) uint8/float RGB 0..255 -> FPN maps P2..P5, each (B*T, C, h, w)."""
-        B, T = frames.shape[:2]
-        return self.backbone(frames.flatten(0, 1))
+        frames = frames.flatten(0, 1)
+        if not torch.compiler.is_compiling():
+            # channels-last in eager runs: oneDNN's convolutions prefer it, and RoIAlign reads the
+            # FPN maps channels-last, a free view instead of a copy of every map for every call
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        return self.backbone(frames)
 
     def initial_proposals(self, image_sizes, T):
         """image_sizes (B, 2) = (height, width) -> (B, N, T, 4) xyxy pixels."""

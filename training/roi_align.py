@@ -14,8 +14,8 @@ ONNX ``RoiAlign`` opset >= 16 with mode="avg", coordinate_transformation_mode="h
   bilinearly interpolated from its four neighbours.
 
 The computation is separable per axis (row taps and column taps with their weights) and is done as
-``sr*sr*4`` gathers of (K*S*S, C) rows, so memory stays O(K*C*S*S) (no Python loop over RoIs, no
-data-dependent shape). Gradients flow to the features; boxes are treated as constants (detached),
+gathers of (K*S*S*taps, C) rows, all ``(2*sr)^2`` taps at once or in chunks of taps when that is
+large, so memory stays bounded (no Python loop over RoIs, no data-dependent shape). Gradients flow to the features; boxes are treated as constants (detached),
 as in Sparse R-CNN / QueryInst where the boxes are detached between stages anyway.
 
 Export modes (module-level switch, `set_export_mode` / the `export_mode` context manager, or the
@@ -158,19 +158,24 @@ def _taps(H: int, W: int, coord_dtype: torch.dtype, boxes: Tensor, spatial_scale
 # Pure-torch gather kernel (the custom op's eager implementation) and its backward
 # ----------------------------------------------------------------------------------------------
 
-def _tap_iter(H, W, coord_dtype, boxes, batch_indices, spatial_scale, out_h, out_w, sr):
-    """Yields (flat row index (K*out_h*out_w,), weight (K*out_h*out_w, 1)) for each of (2*sr)^2 taps
-    into the (B*H*W, C) channels-last view of the features."""
+# Elements of one gather, (RoI bins x taps) x C: all (2*sr)^2 taps are gathered at once unless
+# that exceeds this, then in chunks of taps (a ResNet-50 mask pooler's 14x14 bins x 256 channels x
+# hundreds of RoIs would need gigabytes at once).
+_GATHER_ELEMENTS = 1 << 24
+
+
+def _tap_chunks(H, W, coord_dtype, boxes, batch_indices, spatial_scale, out_h, out_w, sr, channels):
+    """Yields (flat row index (K*out_h*out_w*t,), weight (K*out_h*out_w, t, 1)) for chunks of t of
+    the (2*sr)^2 taps into the (B*H*W, C) channels-last view of the features. Few large gathers
+    instead of one per tap: the kernel's cost was per-op overhead, not bandwidth."""
     ry, wy, rx, wx = _taps(H, W, coord_dtype, boxes, spatial_scale, out_h, out_w, sr)
-    base = (batch_indices.to(torch.long) * (H * W)).view(-1, 1, 1)  # (K, 1, 1)
-    scale = 1.0 / (sr * sr)
-    for ty in range(2 * sr):
-        row = base + ry[:, :, ty, None] * W  # (K, out_h, 1)
-        wrow = wy[:, :, ty, None] * scale
-        for tx in range(2 * sr):
-            index = (row + rx[:, None, :, tx]).reshape(-1)  # (K*out_h*out_w,)
-            weight = (wrow * wx[:, None, :, tx]).reshape(-1, 1)
-            yield index, weight
+    K, taps = boxes.shape[0], (2 * sr) ** 2
+    base = (batch_indices.to(torch.long) * (H * W)).view(K, 1, 1, 1, 1)
+    index = (base + ry[:, :, None, :, None] * W + rx[:, None, :, None, :]).reshape(-1, taps)
+    weight = (wy[:, :, None, :, None] * wx[:, None, :, None, :] / (sr * sr)).reshape(-1, taps, 1)
+    t = max(1, min(taps, _GATHER_ELEMENTS // max(1, index.shape[0] * channels)))
+    for s in range(0, taps, t):
+        yield index[:, s:s + t].reshape(-1), weight[:, s:s + t]
 
 
 def roi_align_torch(features: Tensor, boxes: Tensor, batch_indices: Tensor, spatial_scale: float,
@@ -180,33 +185,30 @@ def roi_align_torch(features: Tensor, boxes: Tensor, batch_indices: Tensor, spat
     (not used by the custom op, whose backward is `_roi_align_backward`)."""
     B, C, H, W = features.shape
     K = boxes.shape[0]
-    flat = features.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    flat = features.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view for channels-last features
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    out = features.new_zeros((K * output_height * output_width, C), dtype=acc_dtype)
-    grad_mode = torch.is_grad_enabled() and features.requires_grad
-    for index, weight in _tap_iter(H, W, _coord_dtype(features), boxes, batch_indices,
-                                   spatial_scale, output_height, output_width, sampling_ratio):
-        rows = flat.index_select(0, index).to(acc_dtype)  # (K*oh*ow, C)
-        if grad_mode:  # autograd through the plain ops
-            out = out + weight.to(acc_dtype) * rows
-        else:  # the custom op's kernel: accumulate in place
-            out.addcmul_(rows, weight.to(acc_dtype))
+    out = 0
+    for index, weight in _tap_chunks(H, W, _coord_dtype(features), boxes, batch_indices, spatial_scale,
+                                     output_height, output_width, sampling_ratio, C):
+        rows = flat.index_select(0, index).to(acc_dtype).view(weight.shape[0], -1, C)  # (K*oh*ow, t, C)
+        out = out + torch.bmm(weight.to(acc_dtype).transpose(1, 2), rows)[:, 0]  # (K*oh*ow, C)
     out = out.to(features.dtype).view(K, output_height, output_width, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
 def _roi_align_backward(grad: Tensor, features_shape, boxes: Tensor, batch_indices: Tensor,
                         spatial_scale: float, sampling_ratio: int) -> Tensor:
-    """grad (K, C, oh, ow) -> grad of features (B, C, H, W): the transpose of the gather (index_add)."""
+    """grad (K, C, oh, ow) -> grad of features (B, C, H, W): the transpose of the gather (index_add),
+    returned channels-last (a permuted view; no copy back to contiguous NCHW)."""
     B, C, H, W = features_shape
     K, _, oh, ow = grad.shape
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    g = grad.permute(0, 2, 3, 1).reshape(K * oh * ow, C).to(acc_dtype)
+    g = grad.permute(0, 2, 3, 1).reshape(K * oh * ow, 1, C).to(acc_dtype)
     out = grad.new_zeros((B * H * W, C), dtype=acc_dtype)
-    for index, weight in _tap_iter(H, W, _coord_dtype(grad), boxes, batch_indices, spatial_scale,
-                                   oh, ow, sampling_ratio):
-        out.index_add_(0, index, weight.to(acc_dtype) * g)
-    return out.to(grad.dtype).view(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+    for index, weight in _tap_chunks(H, W, _coord_dtype(grad), boxes, batch_indices, spatial_scale,
+                                     oh, ow, sampling_ratio, C):
+        out.index_add_(0, index, (weight.to(acc_dtype) * g).reshape(-1, C))
+    return out.to(grad.dtype).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
