@@ -168,6 +168,33 @@ def test_custom_op_backward_equals_autograd_of_pure_torch():
     torch.testing.assert_close(g_op, g_pt, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels, rois", [(0, 3), (4, 0)])
+def test_empty_channels_or_rois(channels, rois):
+    """Zero channels (the ground-truth masks of a clip without objects) or zero RoIs: empty output
+    and an empty-safe backward, no reshape error."""
+    feats = torch.randn(2, channels, 9, 8, requires_grad=True)
+    boxes = _boxes(9, 8, 0.5)[:rois]
+    out = ra.roi_align_flat(feats, boxes, torch.arange(rois) % 2, 3, 0.5, 2)
+    assert out.shape == (rois, channels, 3, 3)
+    out.sum().backward()
+    assert feats.grad.shape == feats.shape and not feats.grad.any()
+
+
+def test_gather_in_chunks_of_taps_equals_all_at_once(monkeypatch):
+    """Large problems gather a few taps at a time (bounded memory): same numbers, both directions."""
+    torch.manual_seed(0)
+    feats = torch.randn(2, 4, 9, 8, requires_grad=True)
+    boxes = _boxes(9, 8, 0.5)
+    bidx = torch.arange(len(boxes)) % 2
+    grad = torch.randn(len(boxes), 4, 3, 3)
+    outs = []
+    for budget in (1 << 24, len(boxes) * 9 * 4 * 3):  # all 16 taps at once; 3 taps per gather
+        monkeypatch.setattr(ra, "_GATHER_ELEMENTS", budget)
+        out = ra.roi_align_flat(feats, boxes, bidx, 3, 0.5, 2)
+        outs.append((out, torch.autograd.grad(out, feats, grad)[0]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
 def test_assign_levels():
     sizes = [5.0, 100.0, 111.9, 112.0, 223.9, 224.0, 447.0, 448.0, 2000.0]
     boxes = torch.tensor([[10.0, 20.0, 10.0 + s, 20.0 + s] for s in sizes])

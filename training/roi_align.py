@@ -190,7 +190,7 @@ def roi_align_torch(features: Tensor, boxes: Tensor, batch_indices: Tensor, spat
     out = 0
     for index, weight in _tap_chunks(H, W, _coord_dtype(features), boxes, batch_indices, spatial_scale,
                                      output_height, output_width, sampling_ratio, C):
-        rows = flat.index_select(0, index).to(acc_dtype).view(weight.shape[0], -1, C)  # (K*oh*ow, t, C)
+        rows = flat.index_select(0, index).to(acc_dtype).view(*weight.shape[:2], C)  # (K*oh*ow, t, C)
         out = out + torch.bmm(weight.to(acc_dtype).transpose(1, 2), rows)[:, 0]  # (K*oh*ow, C)
     out = out.to(features.dtype).view(K, output_height, output_width, C)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -207,7 +207,7 @@ def _roi_align_backward(grad: Tensor, features_shape, boxes: Tensor, batch_indic
     out = grad.new_zeros((B * H * W, C), dtype=acc_dtype)
     for index, weight in _tap_chunks(H, W, _coord_dtype(grad), boxes, batch_indices, spatial_scale,
                                      oh, ow, sampling_ratio, C):
-        out.index_add_(0, index, (weight.to(acc_dtype) * g).reshape(-1, C))
+        out.index_add_(0, index, (weight.to(acc_dtype) * g).reshape(index.shape[0], C))
     return out.to(grad.dtype).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
