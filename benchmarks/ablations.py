@@ -3,8 +3,8 @@
     python benchmarks/ablations.py --data data/synth --out work_dirs/ablations [--variants ...]
         [--steps N] [--set SECTION.KEY=VALUE ...] [--baseline models/tiny/tiny.pt]
 
-Every variant trains for the same number of steps (default: the tiny config's own schedule, 1100
-steps with the lr drop at 900, what `make train-tiny` runs), like the paper's equal-epoch
+Every variant trains for the same number of steps (default: the tiny config's own schedule, what
+`make train-tiny` runs), like the paper's equal-epoch
 comparisons; equal steps also keep the result independent of the machine's load. --set changes
 every variant (e.g. the session-5 table: --steps 946 --set loss.class_loss=focal
 --set "train.lr_drop_epochs=[8]"). --baseline CKPT evaluates a checkpoint trained with that

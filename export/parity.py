@@ -23,8 +23,9 @@ their metadata) where `import tensorrt` works. The reference is the checkpoint i
    TensorRT engine). Statistics: max and mean absolute error, max relative error
    (|a - b| / max(|b|, 1e-3 max|b|)), cosine similarity, max|reference|.
    A tensor passes when max_abs <= KIND_abs + KIND_rel * max|reference| and cosine >= `cosine`,
-   KIND = logits (class_logits), probs (mask_probs, in 0..1: absolute bound only), proposals (pixel
-   coordinates: relative bound only), features (p2..p5, queries, next_queries).
+   KIND = logits (class_logits), probs (mask_probs, in 0..1: absolute bound only; clip_probs for
+   per_clip's), proposals (pixel coordinates: relative bound only), features (p2..p5, queries,
+   next_queries).
 2. End to end (whole videos through the runtime's clip loop, queries carried across clips, slot
    resets and track ids as `evis run`): per video the backend's tracks are matched one to one to
    PyTorch's by video mask IoU (Hungarian); `track_count` = the largest |difference in the number of
@@ -40,7 +41,8 @@ one; `none` disables a check):
     key              fp32      fp16      int8
     logits_abs       1e-4      5e-2      -        per tensor: + logits_rel * max|ref|
     logits_rel       3e-5      1e-3      -        (fp32: kernel summation order, see below)
-    probs_abs        1e-4      1e-2      -        mask probabilities
+    probs_abs        1e-4      1e-2      -        mask probabilities, per graph (identical inputs)
+    clip_probs_abs   1e-3      5e-2      -        mask probabilities of the whole clip (per_clip)
     proposals_abs    0         0         -
     proposals_rel    1e-5      1e-3      -        (pixels: relative)
     features_abs     1e-4      5e-2      -
@@ -55,7 +57,10 @@ The graphs output mask probabilities (the sigmoid is inside), not mask logits. T
 trained model reach |20|, and there float32 itself is the limit: against a float64 evaluation of
 the same stage, PyTorch's float32 logits are 1.7e-4 off and ONNX Runtime's 2.2e-4, so no float32
 pair can agree to 1e-4 absolute (docs/benchmarks.md). The probabilities, what the runtime pastes
-and thresholds, agree to < 1e-4. FP32 logits_rel is 3e-5 (not 1e-5) for the same reason: the two
+and thresholds, agree to < 1e-4 per graph. Through a whole clip they differ more, and not by the
+mask head: each stage's proposals carry the float differences of the stages before into the RoIs,
+and a box 2e-4 px off moves a sharp mask edge's probability by about 1e-4 (model L: 1.1e-4 with
+every mask graph at 8e-7), hence clip_probs_abs (the fp16 value is not measured yet). FP32 logits_rel is 3e-5 (not 1e-5) for the same reason: the two
 libraries' convolution kernels add in a different order. Real export bugs show up as errors of
 1e-2 and more, and in the end-to-end checks.
 
@@ -86,16 +91,16 @@ from efficientvis import __version__
 from efficientvis.errors import UserError
 
 FORMAT_VERSION = 1
-TOL_KEYS = ("logits_abs", "logits_rel", "probs_abs", "proposals_abs", "proposals_rel", "features_abs",
+TOL_KEYS = ("logits_abs", "logits_rel", "probs_abs", "clip_probs_abs", "proposals_abs", "proposals_rel", "features_abs",
             "features_rel", "cosine", "track_count", "class_agreement", "mask_iou", "ap")
 TOLERANCES = {
-    "fp32": {"logits_abs": 1e-4, "logits_rel": 3e-5, "probs_abs": 1e-4, "proposals_abs": 0.0, "proposals_rel": 1e-5,
-             "features_abs": 1e-4, "features_rel": 1e-5, "cosine": 0.99999,
+    "fp32": {"logits_abs": 1e-4, "logits_rel": 3e-5, "probs_abs": 1e-4, "clip_probs_abs": 1e-3, "proposals_abs": 0.0,
+             "proposals_rel": 1e-5, "features_abs": 1e-4, "features_rel": 1e-5, "cosine": 0.99999,
              "track_count": 0, "class_agreement": 0.99, "mask_iou": 0.99, "ap": 0.001},
-    "fp16": {"logits_abs": 5e-2, "logits_rel": 1e-3, "probs_abs": 1e-2, "proposals_abs": 0.0, "proposals_rel": 1e-3,
-             "features_abs": 5e-2, "features_rel": 1e-3, "cosine": 0.999,
+    "fp16": {"logits_abs": 5e-2, "logits_rel": 1e-3, "probs_abs": 1e-2, "clip_probs_abs": 5e-2, "proposals_abs": 0.0,
+             "proposals_rel": 1e-3, "features_abs": 5e-2, "features_rel": 1e-3, "cosine": 0.999,
              "track_count": 0, "class_agreement": 0.97, "mask_iou": 0.97, "ap": 0.005},
-    "int8": {"logits_abs": None, "logits_rel": None, "probs_abs": None, "proposals_abs": None, "proposals_rel": None,
+    "int8": {"logits_abs": None, "logits_rel": None, "probs_abs": None, "clip_probs_abs": None, "proposals_abs": None, "proposals_rel": None,
              "features_abs": None, "features_rel": None, "cosine": 0.98,
              "track_count": 1, "class_agreement": 0.9, "mask_iou": 0.9, "ap": 0.01},
 }
@@ -249,9 +254,11 @@ def merge_stats(a, b):
     return out
 
 
-def judge_tensor(stats, name, tol) -> list:
-    """Checks of one tensor's stats against a precision's tolerances (stats get bound/passed)."""
-    kind = tensor_kind(name)
+def judge_tensor(stats, name, tol, chained=False) -> list:
+    """Checks of one tensor's stats against a precision's tolerances (stats get bound/passed).
+    `chained`: an output of the whole clip run inside the backend (per_clip), whose mask
+    probabilities are judged by clip_probs_abs."""
+    kind = "clip_probs" if chained and tensor_kind(name) == "probs" else tensor_kind(name)
     checks = []
     if "got_shape" in stats:
         checks.append(("shape", str(stats["got_shape"]), str(stats["shape"]), "==", False))
@@ -754,7 +761,7 @@ def run(args) -> int:
                 per_clip = per_clip_parity(backend, reference, clips[0][1])
                 per_tensor["per_clip"] = per_clip
                 for name, stats in per_clip.items():
-                    checks += [(f"per_clip.{name}.{c[0]}", *c[1:]) for c in judge_tensor(stats, name, ptol)]
+                    checks += [(f"per_clip.{name}.{c[0]}", *c[1:]) for c in judge_tensor(stats, name, ptol, chained=True)]
             entry["per_tensor"] = per_tensor
             got_tracks, got_results = summarise_runs(run_videos(backend, gt, image_root, options, frames_cache),
                                                      gt, top_k)

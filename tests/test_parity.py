@@ -216,14 +216,17 @@ def test_tolerance_flags():
     with pytest.raises(UserError):
         parity.tolerances_from_args(p.parse_args(base + ["--tol", "fp64.ap=1"]))
     # the per-tensor rule: bound = KIND_abs + KIND_rel * max|ref|; proposals (pixels) relative only
-    def ok(name, ref, err):
+    def ok(name, ref, err, chained=False):
         ref = np.asarray(ref, np.float64)
         stats = parity.tensor_stats(ref + np.array([0, 0, err]), ref)
-        return parity.judge_tensor(stats, name, parity.TOLERANCES["fp32"])[0][4]
+        return parity.judge_tensor(stats, name, parity.TOLERANCES["fp32"], chained)[0][4]
 
     assert ok("proposals", [100.0, 200.0, 300.0], 2e-3) and not ok("proposals", [100.0, 200.0, 300.0], 4e-3)
     assert ok("class_logits", [1.0, 2.0, 3.0], 1e-4) and not ok("class_logits", [1.0, 2.0, 3.0], 2e-4)
     assert not ok("proposals", [1.0, 2.0, 3.0], 1e-4)  # no absolute slack for pixel coordinates
+    # mask probabilities: 1e-4 per graph, 1e-3 for a whole clip chained inside the backend
+    assert not ok("mask_probs", [0.1, 0.5, 0.9], 2e-4) and ok("mask_probs", [0.1, 0.5, 0.9], 2e-4, chained=True)
+    assert not ok("mask_probs", [0.1, 0.5, 0.9], 2e-3, chained=True)
 
 
 def test_evis_run_dataset_gives_the_results_file_of_evis_infer(tiny, tmp_path, capsys):

@@ -208,6 +208,11 @@ def test_resume_continues_exactly(small_data, tmp_path):
     chain = ["data.correspondence_clips=3", "data.lead_clips=1"]
     assert _train(small_data, straight, "train.epochs=2", *chain) == 0
     assert _train(small_data, split, "train.epochs=1", *chain) == 0
+    # as if killed after logging two steps past its last checkpoint (step 4): resuming drops them
+    with open(os.path.join(straight, "train.csv")) as f:
+        straight_rows = list(csv.DictReader(f))
+    with open(os.path.join(split, "train.csv"), "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=list(straight_rows[0])).writerows(straight_rows[4:6])
     assert _train(small_data, split, "train.epochs=2", *chain, resume=True) == 0
     a = checkpoint.load(os.path.join(straight, "final.pt"))["model"]
     b = checkpoint.load(os.path.join(split, "final.pt"))["model"]
@@ -215,7 +220,10 @@ def test_resume_continues_exactly(small_data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
     with open(os.path.join(split, "train.csv")) as f:
-        assert f.readline().startswith("step,")
+        split_rows = list(csv.DictReader(f))
+    assert [r["step"] for r in split_rows] == [str(s) for s in range(1, 9)]
+    for a_row, b_row in zip(straight_rows, split_rows):  # the logs too, as if never stopped
+        assert abs(float(a_row["loss"]) - float(b_row["loss"])) < 1e-4 * float(a_row["loss"]), (a_row, b_row)
 
 
 def test_torchrun_ddp_on_gloo(small_data, tmp_path):

@@ -28,6 +28,7 @@ from efficientvis.training.denoising import noised_tracklet_boxes
 from efficientvis.training.losses import TrackletCriterion
 from efficientvis.training.dataset import collate
 from efficientvis.training.model import build_model
+from efficientvis.ytvis.results import atomic_file
 
 LOSS_PARTS = ("class", "l1", "giou", "dice", "mask_bce", "dn_class", "dn_giou")
 
@@ -170,16 +171,33 @@ def lead_clips(cfg, step, chain):
 
 
 class Logger:
-    """TensorBoard + CSV (one row per log step, flushed), on rank 0 only."""
+    """TensorBoard + CSV (one row per log step, flushed), on rank 0 only. Resumed at `step`, the
+    rows and events a stopped run logged after its last checkpoint are dropped, so the logs hold
+    each step once, as an uninterrupted run would (a fresh run in an old folder starts them anew)."""
 
-    def __init__(self, out_dir, enabled):
+    def __init__(self, out_dir, enabled, step=0):
         self.enabled = enabled
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        self.files = {}
+        self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step + 1)
         self.out_dir = out_dir
+        for name in ("train", "valid"):
+            self._drop_rows_after(name, step)
+
+    def _drop_rows_after(self, name, step):
+        path = os.path.join(self.out_dir, f"{name}.csv")
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if int(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        with atomic_file(path) as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
 
     def _csv(self, name, row):
         path = os.path.join(self.out_dir, f"{name}.csv")
@@ -273,7 +291,7 @@ def run(args):
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
     if cfg.train.lr_schedule not in ("step", "cosine"):
         raise UserError(f"train.lr_schedule must be step or cosine, got {cfg.train.lr_schedule!r}")
-    logger = Logger(args.out, main)
+    logger = Logger(args.out, main, step)
     if main:
         checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names,
                                category_ids=[int(c) for c in dataset.category_ids])
