@@ -45,7 +45,7 @@ def main():
     model = build_model(cfg.model).train()
     optimizer = train.build_optimizer(model, cfg.train)
     step_module = train.TrainStep(model, TrackletCriterion(cfg.loss))
-    trained = cfg.data.correspondence_clips if chain > 1 else 1
+    trained = train.trained_clips(cfg, chain)
     total = args.warmup + args.steps + args.profile
     B = cfg.train.batch_size
     batches = [collate([dataset[(i * B + j) % len(dataset)] for j in range(B)]) for i in range(total)]

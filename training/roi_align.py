@@ -15,8 +15,9 @@ ONNX ``RoiAlign`` opset >= 16 with mode="avg", coordinate_transformation_mode="h
 
 The computation is separable per axis (row taps and column taps with their weights) and is done as
 gathers of (K*S*S*taps, C) rows, all ``(2*sr)^2`` taps at once or in chunks of taps when that is
-large, so memory stays bounded (no Python loop over RoIs, no data-dependent shape). Gradients flow to the features; boxes are treated as constants (detached),
-as in Sparse R-CNN / QueryInst where the boxes are detached between stages anyway.
+large, so memory stays bounded (no Python loop over RoIs, no data-dependent shape). Gradients flow
+to the features; boxes are treated as constants (detached), as in Sparse R-CNN / QueryInst where
+the boxes are detached between stages anyway.
 
 Export modes (module-level switch, `set_export_mode` / the `export_mode` context manager, or the
 ``mode=`` argument of each function):

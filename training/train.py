@@ -163,6 +163,12 @@ def clips_per_sample(cfg, max_length):
     return cfg.data.correspondence_clips + cfg.data.lead_clips if enabled else 1
 
 
+def trained_clips(cfg, chain):
+    """Clips of a sample that get a loss: the trained chain, or the single clip without
+    correspondence learning."""
+    return cfg.data.correspondence_clips if chain > 1 else 1
+
+
 def lead_clips(cfg, step, chain):
     """Clips run without loss before the trained chain at this step: 0, 1, ..., data.lead_clips in
     turn, so the trained chain starts from q* (like inference's first clip) as often as from the
@@ -274,7 +280,7 @@ def run(args):
             dist.all_reduce(x)
             return x / world
     step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce))
-    trained_clips = cfg.data.correspondence_clips if chain > 1 else 1
+    trained = trained_clips(cfg, chain)
     if world > 1:
         # find_unused_parameters: an FPN level's output conv gets no gradient in a step where no
         # RoI is assigned to that level (training pools each RoI on its own level only)
@@ -330,7 +336,7 @@ def run(args):
             ctx = step_module.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.float16,
                                      enabled=cfg.train.amp and device.type == "cuda"):
-                loss, logs = step_module(batch, lead_clips(cfg, step, chain), trained_clips)
+                loss, logs = step_module(batch, lead_clips(cfg, step, chain), trained)
                 scaler.scale(loss / cfg.train.accumulate).backward()
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + v
