@@ -213,6 +213,7 @@ def test_resume_continues_exactly(small_data, tmp_path):
         straight_rows = list(csv.DictReader(f))
     with open(os.path.join(split, "train.csv"), "a", newline="") as f:
         csv.DictWriter(f, fieldnames=list(straight_rows[0])).writerows(straight_rows[4:6])
+        f.write("7,1,0.00")  # and a row cut short by the kill
     assert _train(small_data, split, "train.epochs=2", *chain, resume=True) == 0
     a = checkpoint.load(os.path.join(straight, "final.pt"))["model"]
     b = checkpoint.load(os.path.join(split, "final.pt"))["model"]

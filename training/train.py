@@ -197,7 +197,9 @@ class Logger:
             return
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(r["step"]) <= step]
+        # a row cut short by the kill has no valid step (or misses fields): dropped too
+        kept = [r for r in rows
+                if (r.get("step") or "").isdigit() and int(r["step"]) <= step and None not in r.values()]
         if len(kept) == len(rows):
             return
         with atomic_file(path) as f:
