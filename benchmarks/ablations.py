@@ -3,9 +3,10 @@
     python benchmarks/ablations.py --data data/synth --out work_dirs/ablations [--variants ...]
         [--steps N] [--set SECTION.KEY=VALUE ...] [--baseline models/tiny/tiny.pt]
 
-Every variant trains for the same number of steps (default: the tiny config's own schedule, what
-`make train-tiny` runs), like the paper's equal-epoch
-comparisons; equal steps also keep the result independent of the machine's load. --set changes
+Every variant trains for the same number of steps (default: the steps of the --baseline checkpoint,
+or of the committed models/tiny/tiny.pt, what `make train-tiny` ran), like the paper's equal-epoch
+comparisons; equal steps also keep the result independent of the machine's load (the tiny config's
+train.budget_minutes, which fits the length to the machine's speed, is switched off). --set changes
 every variant (e.g. the session-5 table: --steps 946 --set loss.class_loss=focal
 --set "train.lr_drop_epochs=[8]"). --baseline CKPT evaluates a checkpoint trained with that
 schedule instead of training the baseline again.
@@ -57,11 +58,15 @@ def main():
     p.add_argument("--data", default="data/synth")
     p.add_argument("--out", default="work_dirs/ablations")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=0, help="training steps of every variant (0: the config's)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="training steps of every variant (0: those of --baseline or models/tiny/tiny.pt)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config override applied to every variant (repeatable)")
     p.add_argument("--baseline", help="a baseline checkpoint trained with this schedule (skips training it)")
     args = p.parse_args()
+    if not args.steps:
+        from efficientvis.training import checkpoint
+        args.steps = int(checkpoint.load(args.baseline or "models/tiny/tiny.pt")["step"])
     summary = os.path.join(args.out, "ablations.json")
     rows = {}
     if os.path.isfile(summary):  # variants run before (e.g. one at a time with --variants) are kept
@@ -73,7 +78,8 @@ def main():
         if name == "baseline" and args.baseline:
             ckpt = args.baseline
         elif not os.path.exists(ckpt):
-            schedule = ["train.eval_every=0", "train.max_minutes=0", f"train.max_steps={args.steps}"]
+            schedule = ["train.eval_every=0", "train.max_minutes=0", "train.budget_minutes=0",
+                        f"train.max_steps={args.steps}", "train.epochs=1000"]
             sets = [x for s in args.set + VARIANTS[name] + schedule for x in ("--set", s)]
             evis("train", "--config", "tiny", "--data", args.data, "--out", work, *sets)
         rows[name] = evaluate(ckpt, args.data, os.path.join(work, "metrics_e2e.json"))

@@ -14,7 +14,7 @@ from efficientvis.training import checkpoint
 from efficientvis.training.config import LossConfig, load_config
 from efficientvis.training.losses import TrackletCriterion, clip_loss_terms
 from efficientvis.training.matcher import crop_target_masks, extend_assignment, match_clip
-from efficientvis.training.train import clips_per_sample, lead_clips, lr_factor
+from efficientvis.training.train import budgeted_steps, clips_per_sample, lead_clips, lr_factor
 from efficientvis.ytvis import synth
 
 SMALL = ["model.hidden_dim=32", "model.num_queries=4", "model.num_iterations=2", "model.backbone_width=8",
@@ -225,6 +225,21 @@ def test_resume_continues_exactly(small_data, tmp_path):
     assert [r["step"] for r in split_rows] == [str(s) for s in range(1, 9)]
     for a_row, b_row in zip(straight_rows, split_rows):  # the logs too, as if never stopped
         assert abs(float(a_row["loss"]) - float(b_row["loss"])) < 1e-4 * float(a_row["loss"]), (a_row, b_row)
+
+
+def test_time_budget_fits_the_schedule_and_a_resume_keeps_it(small_data, tmp_path):
+    # 50 steps took 60 s: 27 min (x 0.97 margin) leave 1511 s, 1259 more steps; capped by the epochs
+    assert budgeted_steps(50, 60.0, 27, 50, 2000) == 50 + int((27 * 60 * 0.97 - 60) / 1.2)
+    assert budgeted_steps(50, 60.0, 27, 50, 900) == 900
+    assert budgeted_steps(50, 60.0, 0.5, 50, 900) == 50  # over budget already: stop now
+    out = str(tmp_path / "budget")
+    budget = ["train.budget_minutes=0.0001", "train.budget_calibration_steps=3", "train.epochs=3"]
+    assert _train(small_data, out, *budget) == 0  # 3 steps already overrun 6 ms: the schedule ends there
+    assert checkpoint.load(os.path.join(out, "last.pt"))["budget_total_steps"] == 3
+    assert checkpoint.load(os.path.join(out, "final.pt"))["step"] == 3
+    # a resume keeps the fitted length instead of timing 3 more steps to measure again
+    assert _train(small_data, out, *budget, resume=True) == 0
+    assert checkpoint.load(os.path.join(out, "final.pt"))["step"] == 3
 
 
 def test_torchrun_ddp_on_gloo(small_data, tmp_path):

@@ -99,8 +99,10 @@ class TrainConfig:
     eval_every: int = 1               # epochs; 0 = only at the end
     log_every: int = 20
     seed: int = 0
-    max_minutes: float = 0            # >0: stop (with a checkpoint) after this wall time
+    max_minutes: float = 0.0          # >0: stop (with a checkpoint) after this wall time
     max_steps: int = 0                # >0: stop after this many steps (ablations at an equal schedule)
+    budget_minutes: float = 0.0       # >0: the schedule's length is fitted to this wall time (see below)
+    budget_calibration_steps: int = 50  # steps timed before the budgeted length is fixed
 
 
 @dataclass

@@ -116,6 +116,17 @@ def lr_factor(step, warmup_iters, drop_steps, schedule="step", total_steps=0):
     return warm * 0.1 ** sum(step >= s for s in drop_steps)
 
 
+def budgeted_steps(steps_timed, seconds, budget_minutes, done, cap, margin=0.97):
+    """The number of steps that ends training within `budget_minutes` (from the start of this
+    process's loop) at the speed measured over `steps_timed` steps in `seconds`, at most `cap`.
+    The lr schedule is then laid out over that length, so a cosine decay ends on time instead of
+    being cut by max_minutes, and a fast machine trains longer than a slow one. Fixed once measured
+    and kept in the checkpoints, so a resumed run keeps the same schedule (exact resume)."""
+    rate = seconds / max(1, steps_timed)
+    left = budget_minutes * 60 * margin - seconds
+    return max(done, min(cap, done + int(left / rate)))
+
+
 def build_optimizer(model, cfg):
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
@@ -262,7 +273,7 @@ def run(args):
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
 
-    step = 0
+    step, budget_total = 0, 0
     resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
     if args.resume and (args.resume != "auto" or os.path.exists(resume_path)):
         ckpt = checkpoint.load(resume_path)
@@ -272,6 +283,7 @@ def run(args):
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
+        budget_total = int(ckpt.get("budget_total_steps", 0))
         if main:
             print(f"resumed from {resume_path} at step {step}")
 
@@ -296,9 +308,17 @@ def run(args):
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
+    budget_cap = total_steps
+    if cfg.train.budget_minutes and budget_total:  # fixed by the run this one resumes
+        total_steps = min(total_steps, budget_total)
     drop_steps = [e * steps_per_epoch for e in cfg.train.lr_drop_epochs]
     if cfg.train.lr_schedule not in ("step", "cosine"):
         raise UserError(f"train.lr_schedule must be step or cosine, got {cfg.train.lr_schedule!r}")
+    first_step = step
+
+    def budget_pending():
+        return bool(cfg.train.budget_minutes) and not budget_total
+
     logger = Logger(args.out, main, step)
     if main:
         checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names,
@@ -307,14 +327,15 @@ def run(args):
             import yaml
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         print(f"training {cfg.name}: {len(dataset)} samples/epoch, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps, correspondence learning {f'on ({chain} clips)' if chain > 1 else 'off'}, "
+              f"{total_steps} steps{' at most (fitted to train.budget_minutes)' if budget_pending() else ''}, "
+              f"correspondence learning {f'on ({chain} clips)' if chain > 1 else 'off'}, "
               f"device {device}, world size {world}")
 
     def save(name):
         if main:
             checkpoint.save(os.path.join(args.out, name), model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                            **checkpoint_meta)
+                            budget_total_steps=budget_total, **checkpoint_meta)
 
     start_time = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
@@ -355,6 +376,19 @@ def run(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if budget_pending() and step - first_step >= cfg.train.budget_calibration_steps:
+                seconds = time.time() - start_time
+                budget_total = budgeted_steps(step - first_step, seconds, cfg.train.budget_minutes, step,
+                                              budget_cap)
+                if world > 1:  # every rank must stop at the same step: rank 0's measurement
+                    agreed = torch.tensor([budget_total], device=device)
+                    dist.broadcast(agreed, 0)
+                    budget_total = int(agreed)
+                total_steps = budget_total
+                bar.total = total_steps
+                if main:
+                    print(f"\n{seconds / (step - first_step):.2f} s/step over {step - first_step} steps: "
+                          f"{total_steps} steps fit train.budget_minutes={cfg.train.budget_minutes:g}")
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", epoch=epoch)
             if step % cfg.train.log_every == 0 or step == total_steps:

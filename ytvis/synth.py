@@ -741,7 +741,8 @@ def run(args) -> int:
         path = generate(args.out, args.videos, frames, args.height, args.width, args.seed, args.stride,
                         args.max_objects, args.workers, min_objects=args.min_objects,
                         valid_videos=args.valid_videos, progress=True, preview=args.preview)
-        print(f"wrote {args.videos} train videos x {frames} frames: {path}")
+        if args.videos:
+            print(f"wrote {args.videos} train videos x {frames} frames: {path}")
         if args.valid_videos:
             print(f"wrote {args.valid_videos} valid videos: "
                   f"{os.path.join(args.out, 'valid', 'annotations.json')}")
