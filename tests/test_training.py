@@ -268,7 +268,7 @@ def test_bad_dataset_and_config_give_one_line(small_data, tmp_path, capsys):
 def test_overfits_two_short_videos(tmp_path):
     """The model learns: two short synthetic videos are fitted, every track found with its identity
     at a tube IoU above 0.75 (matching, losses, correspondence learning and the inference loop all
-    have to be right for that); the issue's AP >= 0.90 is not reached (see below)."""
+    have to be right for that); AP 0.90 with the tiny recipe's class weight (see below)."""
     root = str(tmp_path / "two")
     synth.generate(root, 2, frames=8, height=96, width=160, seed=3, max_objects=2, workers=1)
     out = str(tmp_path / "run")
@@ -278,6 +278,7 @@ def test_overfits_two_short_videos(tmp_path):
     settings = SMALL + ["model.mask_pooler_size=14", "data.lead_clips=0", "data.correspondence_consecutive=false",
                         "train.lr_schedule=step", "train.samples_per_epoch=2", "train.batch_size=2", "train.epochs=250",
                         "train.lr=1e-3", "train.lr_drop_epochs=[200]", "train.checkpoint_every=1000",
+                        "train.budget_minutes=0",
                         "data.valid_images=train/JPEGImages", "data.valid_annotations=train/annotations.json"]
     args = ["train", "--config", "tiny", "--data", root, "--out", out, "--threads", "2"]
     for item in settings:
@@ -287,10 +288,11 @@ def test_overfits_two_short_videos(tmp_path):
         metrics = list(csv.DictReader(f))[-1]
     # Target (issue 3): AP >= 0.90 within ~1 minute; measured after 250 steps (~2.5 min): 0.876
     # (session 7), 0.851 (session 9, after the RoIAlign rewrite changed the float rounding), 0.876
-    # (session 9, class loss weight 4 as in the tiny recipe). Every track
+    # (session 9, class loss weight 4), 0.9005 in 1 min 40 s (session 10, class weight 8 as in the
+    # tiny recipe now; asserted with a margin for float rounding). Every track
     # is found with its identity and a tube IoU above 0.75 (AP50 = AP75 = 1.0, also for the object
     # that leaves the frame for four frames and comes back); the strict thresholds are lost on that
     # object, a crescent whose arms are 1-2 px wide at 96x160 (frame IoUs 0.84-0.86) and which
     # re-enters as a 1-px arc of 43 px that the stride-4 features do not see (tube IoU 0.786).
     assert float(metrics["AP50"]) >= 0.99 and float(metrics["AP75"]) >= 0.99, metrics
-    assert float(metrics["AP"]) >= 0.80, metrics
+    assert float(metrics["AP"]) >= 0.85, metrics
