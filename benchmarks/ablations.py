@@ -65,8 +65,12 @@ def main():
     p.add_argument("--baseline", help="a baseline checkpoint trained with this schedule (skips training it)")
     args = p.parse_args()
     if not args.steps:
+        from efficientvis.errors import UserError
         from efficientvis.training import checkpoint
-        args.steps = int(checkpoint.load(args.baseline or "models/tiny/tiny.pt")["step"])
+        try:
+            args.steps = int(checkpoint.load(args.baseline or "models/tiny/tiny.pt")["step"])
+        except UserError as e:
+            sys.exit(f"ablations.py: {e} (give --steps N)")
     summary = os.path.join(args.out, "ablations.json")
     rows = {}
     if os.path.isfile(summary):  # variants run before (e.g. one at a time with --variants) are kept
@@ -78,6 +82,7 @@ def main():
         if name == "baseline" and args.baseline:
             ckpt = args.baseline
         elif not os.path.exists(ckpt):
+            # a fixed length: max_steps, not the budget, and enough epochs that they do not cap it
             schedule = ["train.eval_every=0", "train.max_minutes=0", "train.budget_minutes=0",
                         f"train.max_steps={args.steps}", "train.epochs=1000"]
             sets = [x for s in args.set + VARIANTS[name] + schedule for x in ("--set", s)]

@@ -315,10 +315,7 @@ def run(args):
     if cfg.train.lr_schedule not in ("step", "cosine"):
         raise UserError(f"train.lr_schedule must be step or cosine, got {cfg.train.lr_schedule!r}")
     first_step = step
-
-    def budget_pending():
-        return bool(cfg.train.budget_minutes) and not budget_total
-
+    fit_budget = cfg.train.budget_minutes > 0 and not budget_total  # the length is still to be fitted
     logger = Logger(args.out, main, step)
     if main:
         checkpoint_meta = dict(config=cfg.to_dict(), class_names=dataset.class_names,
@@ -327,7 +324,7 @@ def run(args):
             import yaml
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         print(f"training {cfg.name}: {len(dataset)} samples/epoch, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps{' at most (fitted to train.budget_minutes)' if budget_pending() else ''}, "
+              f"{total_steps} steps{' at most (fitted to train.budget_minutes)' if fit_budget else ''}, "
               f"correspondence learning {f'on ({chain} clips)' if chain > 1 else 'off'}, "
               f"device {device}, world size {world}")
 
@@ -376,10 +373,11 @@ def run(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if budget_pending() and step - first_step >= cfg.train.budget_calibration_steps:
+            timed = step - first_step
+            if fit_budget and timed >= cfg.train.budget_calibration_steps:
+                fit_budget = False
                 seconds = time.time() - start_time
-                budget_total = budgeted_steps(step - first_step, seconds, cfg.train.budget_minutes, step,
-                                              budget_cap)
+                budget_total = budgeted_steps(timed, seconds, cfg.train.budget_minutes, step, budget_cap)
                 if world > 1:  # every rank must stop at the same step: rank 0's measurement
                     agreed = torch.tensor([budget_total], device=device)
                     dist.broadcast(agreed, 0)
@@ -387,7 +385,7 @@ def run(args):
                 total_steps = budget_total
                 bar.total = total_steps
                 if main:
-                    print(f"\n{seconds / (step - first_step):.2f} s/step over {step - first_step} steps: "
+                    print(f"\n{seconds / timed:.2f} s/step over {timed} steps: "
                           f"{total_steps} steps fit train.budget_minutes={cfg.train.budget_minutes:g}")
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", epoch=epoch)
