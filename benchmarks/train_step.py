@@ -31,6 +31,7 @@ def main():
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile this many steps and print the top operators by self CPU time")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--shapes", action="store_true", help="profile: group the operators by input shape")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,7 +45,7 @@ def main():
     cfg.model.num_classes = len(dataset.class_names)
     model = build_model(cfg.model).train()
     optimizer = train.build_optimizer(model, cfg.train)
-    step_module = train.TrainStep(model, TrackletCriterion(cfg.loss))
+    step_module = train.TrainStep(model, TrackletCriterion(cfg.loss), cfg.data.lead_matching)
     trained = train.trained_clips(cfg, chain)
     total = args.warmup + args.steps + args.profile
     B = cfg.train.batch_size
@@ -66,10 +67,10 @@ def main():
           f"{torch.get_num_threads()} threads)")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for i in range(args.warmup + args.steps, total):
                 step(i)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

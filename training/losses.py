@@ -126,12 +126,8 @@ class TrackletCriterion:
     def __call__(self, outputs, targets, assignments=None):
         total, logs, final = 0.0, {}, None
         for m, stage in enumerate(outputs["stages"]):
-            items = []
-            for b, target in enumerate(targets):
-                out = _clip_outputs(stage, b)
-                a = (match_clip(out, target, self.cfg) if assignments is None
-                     else extend_assignment(out, target, self.cfg, assignments[b]))
-                items.append((out, target, a))
+            items = [(_clip_outputs(stage, b), target, a)
+                     for b, (target, a) in enumerate(zip(targets, self.assign(stage, targets, assignments)))]
             stage_total, parts = self._stage_loss(items)
             total = total + stage_total
             for k, v in parts.items():
@@ -139,6 +135,14 @@ class TrackletCriterion:
             final = [a for _, _, a in items]
         logs["loss"] = float(total.detach())
         return total, logs, final
+
+    @torch.no_grad()
+    def assign(self, stage, targets, assignments=None):
+        """The assignment of one iteration's outputs without a loss (a lead clip's last iteration):
+        matched (Eq. 4), or `assignments` extended to the tracks they do not hold."""
+        return [match_clip(_clip_outputs(stage, b), target, self.cfg) if assignments is None
+                else extend_assignment(_clip_outputs(stage, b), target, self.cfg, assignments[b])
+                for b, target in enumerate(targets)]
 
     def denoising(self, denoise_outputs, targets, tracks, num_stages):
         """Loss of the denoising tracklets (training/denoising.py): in clip b, tracklet j is ground

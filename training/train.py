@@ -48,20 +48,25 @@ def add_arguments(p):
 class TrainStep(nn.Module):
     """One forward of a batch (or of a batch of clip chains) + loss, so DDP sees one forward per backward."""
 
-    def __init__(self, model, criterion):
+    def __init__(self, model, criterion, lead_matching=False):
         super().__init__()
-        self.model, self.criterion = model, criterion
+        self.model, self.criterion, self.lead_matching = model, criterion, lead_matching
 
     def forward(self, batch, lead=0, trained=1):
         """`lead` clips of a chain run first without loss or gradient, only for their output
-        queries (data.lead_clips); the next `trained` clips are trained."""
+        queries (data.lead_clips); the next `trained` clips are trained. With `lead_matching` the
+        lead clips are also matched, and the first trained clip keeps their assignment as the
+        second keeps the first's (Sec. 3.3), so a slot keeps its object over every hop."""
         clips = batch if isinstance(batch, list) else [batch]
         total, logs, assignments, queries = 0.0, {}, None, None
         cfg = self.criterion.cfg
         with torch.no_grad():
             for clip in clips[:lead]:
-                queries = self.model(clip["frames"], clip["image_sizes"], init_queries=queries,
-                                     masks="none")["next_queries"]
+                out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries,
+                                 masks="last" if self.lead_matching else "none")
+                queries = out["next_queries"]
+                if self.lead_matching:
+                    assignments = self.criterion.assign(out["stages"][-1], clip["targets"], assignments)
         for clip in clips[lead:lead + trained]:
             noised = tracks = None
             if cfg.denoising_weight > 0:
@@ -293,7 +298,7 @@ def run(args):
             x = x.to(device)
             dist.all_reduce(x)
             return x / world
-    step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce))
+    step_module = TrainStep(model, TrackletCriterion(cfg.loss, reduce), cfg.data.lead_matching)
     trained = trained_clips(cfg, chain)
     if world > 1:
         # find_unused_parameters: an FPN level's output conv gets no gradient in a step where no
