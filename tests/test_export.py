@@ -35,8 +35,10 @@ from efficientvis.ytvis.synth import iter_video_frames  # noqa: E402
 TINY = dict(backbone="resnet18", backbone_width=8, norm="bn", freeze_at=0, hidden_dim=32, num_queries=4,
             num_iterations=2, clip_length=4, num_classes=3, num_heads=4, ffn_dim=64, dynamic_dim=8)
 CLASSES = ["disc", "square", "triangle"]
-# (T, H, W) at run time; traced at T=4, 96x171. T=1 is the first/last-frame-only case of Eq. 3.
-SHAPES = [(4, 96, 160), (2, 64, 128), (1, 83, 115)]
+# Trained with T=4, run with up to 6 (infer.clip_length: no weight depends on T): the graphs take
+# T = 1..6. (T, H, W) at run time; traced at T=6, 96x171. T=1 is the first/last-frame-only case of Eq. 3.
+MAX_CLIP = 6
+SHAPES = [(6, 96, 160), (2, 64, 128), (1, 83, 115)]
 ATOL = 1e-4
 DATA_DEPENDENT = {"NonZero", "Compress", "Unique", "NonMaxSuppression", "TopK", "Loop", "If", "Scan"}
 
@@ -54,6 +56,7 @@ def checkpoint_path(tmp_path_factory):
     cfg.name = "tiny-test"
     cfg.model = dataclasses.replace(ModelConfig(), **TINY)
     cfg.data.test_size, cfg.data.max_size = 96, 192
+    cfg.infer.clip_length = MAX_CLIP
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     with torch.no_grad():  # varied learned proposals: boxes land on different FPN levels
@@ -88,14 +91,14 @@ def exported_gs(checkpoint_path, model, tmp_path_factory):
     export costs ~20 s per graph on a busy 2-core machine); saved in MODEL_DIR with a manifest."""
     out = str(tmp_path_factory.mktemp("model_gridsample"))
     cfg = model.cfg
-    axes = E.axis_ranges(cfg.clip_length, 96, 192)
+    axes = E.axis_ranges(MAX_CLIP, 96, 192)
     graphs = {}
     for name in ("stage_0", "mask_0"):
         spec = E.graph_spec(name, cfg.num_queries, cfg.hidden_dim, cfg.num_classes, 28)
-        proto = E.export_graph(model, name, "gridsample", 17, axes, cfg.clip_length, spec, torch)
+        proto = E.export_graph(model, name, "gridsample", 17, axes, MAX_CLIP, spec, torch)
         graphs[name] = {**E.save_graph(proto, out, f"{name}.onnx"), "inputs": spec[0], "outputs": spec[1]}
     data = {"format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "roi_align": "gridsample",
-            "T": cfg.clip_length, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
+            "T": MAX_CLIP, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
             "class_names": [f"c{k}" for k in range(cfg.num_classes)],
             "category_ids": list(range(1, cfg.num_classes + 1)),
             "preprocessing": {"test_size": 96, "max_size": 192},
@@ -270,7 +273,8 @@ def test_manifest_content(exported, model):
         on_disk = json.load(f)
     assert on_disk == data
     assert data["format"] == manifest_lib.FORMAT and data["format_version"] == manifest_lib.FORMAT_VERSION
-    assert (data["T"], data["N"], data["C"], data["M"], data["K"], data["mask_size"]) == (4, 4, 32, 2, 3, 28)
+    assert (data["T"], data["N"], data["C"], data["M"], data["K"], data["mask_size"]) == (6, 4, 32, 2, 3, 28)
+    assert data["trained_clip_length"] == 4 and data["infer"]["clip_length"] == 6
     assert data["opset"] == 17 and data["roi_align"] == "roialign"
     assert data["class_names"] == CLASSES and data["category_ids"] == [1, 2, 3]
     pre = data["preprocessing"]
@@ -280,7 +284,7 @@ def test_manifest_content(exported, model):
     np.testing.assert_allclose(pre["normalisation"]["mean"], [123.675, 116.28, 103.53], atol=1e-4)
     assert data["infer"]["reset_after"] == 3 and "background_threshold" in data["infer"]
     axes = data["dynamic_axes"]
-    assert axes["T"] == {"min": 1, "opt": 4, "max": 4}
+    assert axes["T"] == {"min": 1, "opt": 6, "max": 6}
     assert axes["H"]["max"] == axes["W"]["max"] == 192 and axes["H"]["min"] == 32
     assert axes["W4"] == {"expr": "ceil(W/4)", "min": 8, "opt": -(-axes["W"]["opt"] // 4), "max": 48}
     assert data["stages"] == ["stage_0", "stage_1"] and data["mask_heads"] == ["mask_0", "mask_1"]
@@ -292,7 +296,7 @@ def test_manifest_content(exported, model):
     assert q.dtype == np.float32 and q.shape == (4, 32)
     np.testing.assert_array_equal(q, model.init_queries.weight.detach().numpy())
     verification = data["verification"]
-    assert (verification["T"], verification["H"], verification["W"]) != (4, 96, 171)  # not the traced shape
+    assert (verification["T"], verification["H"], verification["W"]) != (6, 96, 171)  # not the traced shape
     for graph, errors in verification["max_abs_error"].items():
         for out, err in errors.items():
             assert err < (1e-2 if out == "proposals" else 1e-4), (graph, out, err)
