@@ -120,6 +120,9 @@ def test_inference_clip_length_defaults_to_the_trained_T():
     assert loop_options(cfg).clip_length == 6
     cfg.infer.clip_length = 12
     assert loop_options(cfg).clip_length == 12
+    cfg.infer.clip_length = -1
+    with pytest.raises(UserError, match="infer.clip_length must be >= 1"):
+        loop_options(cfg)
 
 
 def test_initial_queries_repeat_one_embedding_and_proposals_cover_the_image():

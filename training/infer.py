@@ -52,6 +52,8 @@ class TorchBackend:
 def inference_clip_length(cfg):
     """Frames per clip at inference: infer.clip_length, else the trained T (no weight depends on
     T; longer clips than trained mean fewer query hand-overs between clips)."""
+    if cfg.infer.clip_length < 0:
+        raise UserError(f"infer.clip_length must be >= 1 (or 0: the trained T), got {cfg.infer.clip_length}")
     return cfg.infer.clip_length or cfg.model.clip_length
 
 

@@ -126,8 +126,8 @@ class TrackletCriterion:
     def __call__(self, outputs, targets, assignments=None):
         total, logs, final = 0.0, {}, None
         for m, stage in enumerate(outputs["stages"]):
-            items = [(_clip_outputs(stage, b), target, a)
-                     for b, (target, a) in enumerate(zip(targets, self.assign(stage, targets, assignments)))]
+            assigned = self.assign(stage, targets, assignments)
+            items = [(_clip_outputs(stage, b), targets[b], assigned[b]) for b in range(len(targets))]
             stage_total, parts = self._stage_loss(items)
             total = total + stage_total
             for k, v in parts.items():
@@ -140,9 +140,10 @@ class TrackletCriterion:
     def assign(self, stage, targets, assignments=None):
         """The assignment of one iteration's outputs without a loss (a lead clip's last iteration):
         matched (Eq. 4), or `assignments` extended to the tracks they do not hold."""
-        return [match_clip(_clip_outputs(stage, b), target, self.cfg) if assignments is None
-                else extend_assignment(_clip_outputs(stage, b), target, self.cfg, assignments[b])
-                for b, target in enumerate(targets)]
+        outs = [_clip_outputs(stage, b) for b in range(len(targets))]
+        if assignments is None:
+            return [match_clip(out, target, self.cfg) for out, target in zip(outs, targets)]
+        return [extend_assignment(out, target, self.cfg, a) for out, target, a in zip(outs, targets, assignments)]
 
     def denoising(self, denoise_outputs, targets, tracks, num_stages):
         """Loss of the denoising tracklets (training/denoising.py): in clip b, tracklet j is ground
