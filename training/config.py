@@ -104,6 +104,9 @@ class TrainConfig:
     max_steps: int = 0                # >0: stop after this many steps (ablations at an equal schedule)
     budget_minutes: float = 0.0       # >0: the schedule's length is fitted to this wall time (see below)
     budget_calibration_steps: int = 50  # steps timed before the budgeted length is fixed
+    # steps run before that timing starts: the first ones are slower (allocator and oneDNN warm-up,
+    # the data loader starting); timing them made a 27-minute budget end 3 minutes early
+    budget_warmup_steps: int = 10
 
 
 @dataclass

@@ -92,6 +92,17 @@ def _distributed():
     return world, rank, local_rank
 
 
+def _rank0(value, world, device):
+    """Rank 0's value (an int) of a decision taken from the clock, on every rank: each rank's own
+    clock would stop them at different steps, and the rank still training would wait forever in
+    its all-reduce (seen with train.max_minutes under torchrun)."""
+    if world == 1:
+        return int(value)
+    agreed = torch.tensor([int(value)], device=device)
+    dist.broadcast(agreed, 0)
+    return int(agreed)
+
+
 def _device(choice, local_rank):
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,15 +132,14 @@ def lr_factor(step, warmup_iters, drop_steps, schedule="step", total_steps=0):
     return warm * 0.1 ** sum(step >= s for s in drop_steps)
 
 
-def budgeted_steps(steps_timed, seconds, budget_minutes, done, cap, margin=0.97):
+def budgeted_steps(seconds_per_step, elapsed, budget_minutes, done, cap, margin=0.97):
     """The number of steps that ends training within `budget_minutes` (from the start of this
-    process's loop) at the speed measured over `steps_timed` steps in `seconds`, at most `cap`.
+    process's loop, `elapsed` seconds ago, `done` steps made) at `seconds_per_step`, at most `cap`.
     The lr schedule is then laid out over that length, so a cosine decay ends on time instead of
     being cut by max_minutes, and a fast machine trains longer than a slow one. Fixed once measured
     and kept in the checkpoints, so a resumed run keeps the same schedule (exact resume)."""
-    rate = seconds / max(1, steps_timed)
-    left = budget_minutes * 60 * margin - seconds
-    return max(done, min(cap, done + int(left / rate)))
+    left = budget_minutes * 60 * margin - elapsed
+    return max(done, min(cap, done + int(left / seconds_per_step)))
 
 
 def build_optimizer(model, cfg):
@@ -378,19 +388,18 @@ def run(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            timed = step - first_step
+            timed = step - first_step - cfg.train.budget_warmup_steps  # steps since the speed is timed
+            if fit_budget and timed == 0:
+                timing_start = time.time()
             if fit_budget and timed >= cfg.train.budget_calibration_steps:
                 fit_budget = False
-                seconds = time.time() - start_time
-                budget_total = budgeted_steps(timed, seconds, cfg.train.budget_minutes, step, budget_cap)
-                if world > 1:  # every rank must stop at the same step: rank 0's measurement
-                    agreed = torch.tensor([budget_total], device=device)
-                    dist.broadcast(agreed, 0)
-                    budget_total = int(agreed)
+                rate = (time.time() - timing_start) / timed
+                budget_total = _rank0(budgeted_steps(rate, time.time() - start_time, cfg.train.budget_minutes,
+                                                     step, budget_cap), world, device)
                 total_steps = budget_total
                 bar.total = total_steps
                 if main:
-                    print(f"\n{seconds / timed:.2f} s/step over {timed} steps: "
+                    print(f"\n{rate:.2f} s/step over {timed} steps: "
                           f"{total_steps} steps fit train.budget_minutes={cfg.train.budget_minutes:g}")
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", epoch=epoch)
@@ -405,7 +414,7 @@ def run(args):
             if step % cfg.train.checkpoint_every == 0:
                 save("last.pt")
             minutes = (time.time() - start_time) / 60
-            if cfg.train.max_minutes and minutes >= cfg.train.max_minutes:
+            if cfg.train.max_minutes and _rank0(minutes >= cfg.train.max_minutes, world, device):
                 if main:
                     print(f"\nstopping after {minutes:.1f} min (train.max_minutes) at step {step}")
                 stop = True
