@@ -125,7 +125,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             inputs = [t["name"] for t in manifest.graphs[g].get("inputs", [])] or None
             try:
                 info = Q.quantize_graph(src, dst, recording.reader(g, inputs), method=method,
-                                        excluded=exclusions[g], quantize_all=quantize_all)
+                                        excluded=exclusions[g], op_types=Q.op_types_for(g, quantize_all),
+                                        dedicated_pairs=Q.dedicated_pairs_for(g))
             except RuntimeError as e:
                 raise UserError(f"quantization of {g} failed: {e}") from e
             problems = trt_check.check_onnx(dst)
@@ -144,6 +145,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             entry.update(manifest_lib.file_entry(out_dir, file_name), external_data=[],
                          nodes=len(model.graph.node))
             entry.pop("export_seconds", None)
+            if Q.dedicated_pairs_for(g):
+                entry["onnxruntime_disabled_optimizers"] = list(Q.DEDICATED_PAIRS_DISABLED_OPTIMIZERS)
             entries[g] = entry
             seconds = time.perf_counter() - t0
             details[g] = {"source_sha256": manifest.graphs[g].get("sha256"), "seconds": round(seconds, 2),
@@ -166,7 +169,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         "activations": "int8 per-tensor symmetric (zero point 0)",
         "weights": "int8 per-channel symmetric (zero point 0)", "bias": "float",
         "quantize_all": bool(quantize_all),
-        "op_types": None if quantize_all else list(Q.DEFAULT_OP_TYPES),
+        "op_types": {g: "all" if Q.op_types_for(g, quantize_all) is None else list(Q.op_types_for(g, quantize_all))
+                     for g in graphs},
         "excluded_op_types": [] if quantize_all else list(Q.DEFAULT_EXCLUDED_OP_TYPES),
         "exclude_args": list(exclude),
         "excluded": {g: exclusions[g] for g in graphs},

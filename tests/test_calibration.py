@@ -131,6 +131,34 @@ def test_exclusions_respected(calibrated):
         assert quantized_convs > 0
 
 
+def test_onnx_runtime_runs_every_backbone_conv_in_int8(calibrated, tmp_path):
+    """The Q/DQ placement (the whole backbone quantized, a Q/DQ pair per consumer) and the
+    session the manifest asks for (no common-subexpression elimination) together let ONNX Runtime's CPU
+    provider fuse every conv of the backbone into QLinearConv; a conv left float runs behind a
+    DequantizeLinear of its weights on every call, slower than FP32 (docs/benchmarks.md, INT8)."""
+    from efficientvis.runtime.ort_backend import inference_session
+
+    model = onnx.load(os.path.join(calibrated["dir"], "backbone.onnx"))
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    # ONNX Runtime fuses a conv only where its output has one QuantizeLinear: the top FPN lateral,
+    # read by the P5 output conv and by the upsampling, stays float (one of 28 here, of 61 at r50)
+    shared = sum(readers.get(n.output[0], 0) > 1 for n in convs)
+    assert shared == 1
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    entry = manifest_lib.load(calibrated["dir"]).graphs["backbone"]
+    assert entry["onnxruntime_disabled_optimizers"] == ["CommonSubexpressionElimination"]
+    inference_session(ort, os.path.join(calibrated["dir"], "backbone.onnx"), options, ["CPUExecutionProvider"],
+                      entry)
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == len(convs) - shared and ops.count("Conv") == shared, sorted(set(ops))
+
+
 def test_qdq_stays_close_to_fp32_on_the_same_clips(exported, calibrated):
     """Per graph on recorded FP32 inputs (random weights amplify errors across chained stages,
     so each graph is compared on the same inputs), and the whole clip loop through OrtBackend."""
