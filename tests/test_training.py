@@ -120,6 +120,26 @@ def test_varifocal_class_target_is_the_box_iou():
         TrackletCriterion(LossConfig(class_loss="softmax"))
 
 
+def test_soft_mask_targets_are_the_crop_fractions():
+    """loss.mask_targets=soft: a boundary running through a mask cell is a fractional target, so
+    the BCE is lowest at the crop's own values, where the hard target pulls them to 0 or 1."""
+    target = _target()
+    target["masks"][0, :, 30, :] = 1  # one more row: a 21-px tall object over 28 cells
+    out = _perfect_outputs(target, slots=[0, 1])
+    q_g = (torch.tensor([0, 1]), torch.tensor([0, 1]))
+    crops = crop_target_masks(target["masks"][:1], out["boxes"][0][:, None], 28)[:, 0, 0]  # (T, 28, 28)
+    fractional = (crops > 0.01) & (crops < 0.99)
+    assert fractional.any()
+    at_crop = {**out, "mask_logits": out["mask_logits"].clone()}
+    at_crop["mask_logits"][0] = torch.logit(crops.clamp(1e-4, 1 - 1e-4))
+    soft, hard = LossConfig(mask_targets="soft"), LossConfig(mask_targets="hard")
+    bce = lambda outputs, cfg: clip_loss_terms(outputs, target, q_g, cfg)[0]["mask_bce"]  # noqa: E731
+    assert bce(at_crop, soft) < bce(out, soft)
+    assert bce(out, hard) < bce(at_crop, hard)
+    with pytest.raises(UserError, match="mask_targets must be one of hard, soft"):
+        TrackletCriterion(LossConfig(mask_targets="fuzzy"))
+
+
 def test_criterion_supervises_every_iteration():
     target = _target()
     stage = {k: v[None] for k, v in _perfect_outputs(target, slots=[0, 1]).items()}

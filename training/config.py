@@ -70,6 +70,7 @@ class LossConfig:
     giou_weight: float = 2.0
     dice_weight: float = 8.0
     mask_bce_weight: float = 2.0      # Eq. 5's L_CE, on every frame (absent frames -> empty mask)
+    mask_targets: str = "hard"        # hard (the RoI crop of the mask >= 0.5) | soft (the crop itself)
     class_loss: str = "focal"         # focal (paper Eq. 5) | varifocal (IoU targets, RT-DETR)
     focal_alpha: float = 0.25
     varifocal_alpha: float = 0.75
