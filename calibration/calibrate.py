@@ -1,19 +1,23 @@
 """`evis calibrate`: MODEL_DIR + calibration clips -> QDQ_DIR (INT8 Q/DQ graphs + TensorRT caches).
 
     evis calibrate MODEL_DIR --out QDQ_DIR [--data DIR|VIDEO] [--method minmax|entropy|percentile]
-                   [--clips N] [--clips-per-video K] [--quantize-all] [--exclude OP|NODE ...]
+                   [--clips N] [--clips-per-video K] [--quantize-stages | --quantize-all]
+                   [--exclude OP|NODE ...]
                    [--threads N] [--cache-trt-version V] [--cache-algorithm A] [--evaluate SPLIT]
 
 1. The FP32 graphs run in ONNX Runtime (CPU) through the runtime's clip loop on calibration clips
    (calibration/data.py: a YouTube-VIS folder, synthetic data/synth by default, or a video), clip
    after clip with the queries fed forward (every stage's mask head run), and every graph's inputs
    are recorded.
-2. Each split graph (backbone, stage_k, mask_k) is quantized with ONNX Runtime's `quantize_static`
-   (calibration/quantize.py: QDQ, INT8 symmetric, per-channel weights, default exclusions).
+2. The backbone and the mask heads are quantized with ONNX Runtime's `quantize_static`
+   (calibration/quantize.py: QDQ, INT8 symmetric, per-channel weights, default exclusions); the
+   stages are written as they are (FP32, as ONNX Runtime's basic optimizer leaves them) unless
+   --quantize-stages or --quantize-all.
 3. Every Q/DQ graph must pass the TensorRT-readiness check (export/trt_check.py: zero points 0,
    ops TensorRT parses, ...).
-4. QDQ_DIR gets the Q/DQ graphs under the FP32 file names, `initial_queries.npy`, one TensorRT
-   calibration cache per graph (`<graph>.calibration.cache`, calibration/cache.py) and, written
+4. QDQ_DIR gets the Q/DQ graphs (and the stages kept FP32) under the FP32 file names,
+   `initial_queries.npy`, one TensorRT calibration cache per quantized graph
+   (`<graph>.calibration.cache`, calibration/cache.py) and, written
    last, its own manifest.json: MODEL_DIR's, with the graphs pointing to the Q/DQ files and a
    `quantization` entry (method, exclusions, calibration clips, source graphs' sha256, caches).
    `OrtBackend(QDQ_DIR)`, `evis run --model QDQ_DIR`, `evis run --model MODEL_DIR --qdq QDQ_DIR`
@@ -58,7 +62,7 @@ def _same_dir(a, b):
 
 
 def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, clips=data_lib.DEFAULT_CLIPS,
-              clips_per_video=data_lib.DEFAULT_CLIPS_PER_VIDEO, quantize_all=False, exclude=(),
+              clips_per_video=data_lib.DEFAULT_CLIPS_PER_VIDEO, quantize_all=False, quantize_stages=False, exclude=(),
               threads=0, cache_trt_version=None, cache_algorithm=cache_lib.DEFAULT_ALGORITHM,
               evaluate_split=None, eval_videos=0, log=print, clip_length=0) -> dict:
     """Write QDQ_DIR; returns its manifest dict."""
@@ -66,8 +70,9 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
         raise UserError(f"--method must be one of {', '.join(Q.METHODS)}, got {method!r}")
     if clips < 1 or clips_per_video < 1:
         raise UserError(f"--clips and --clips-per-video must be >= 1, got {clips} and {clips_per_video}")
-    if quantize_all and exclude:
-        raise UserError("--quantize-all quantizes everything: it cannot be combined with --exclude")
+    if quantize_all and (exclude or quantize_stages):
+        raise UserError("--quantize-all quantizes everything: it cannot be combined with "
+                        + ("--exclude" if exclude else "--quantize-stages"))
     version = cache_trt_version or cache_lib.installed_tensorrt_version() or cache_lib.DEFAULT_TRT_VERSION
     cache_header = cache_lib.header(version, cache_algorithm)  # validates both before the long work
     manifest = manifest_lib.load(model_dir)
@@ -84,15 +89,16 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".evis-calibrate-", dir=out_dir)
     try:
+        op_types = {g: Q.op_types_for(g, quantize_all, quantize_stages) for g in graphs}
         return _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips, clips_per_video,
-                          quantize_all, exclude, threads, version, cache_algorithm, cache_header,
+                          quantize_all, op_types, exclude, threads, version, cache_algorithm, cache_header,
                           evaluate_split, eval_videos, log, clip_length)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips, clips_per_video,
-               quantize_all, exclude, threads, version, cache_algorithm, cache_header, evaluate_split,
+               quantize_all, op_types, exclude, threads, version, cache_algorithm, cache_header, evaluate_split,
                eval_videos, log, clip_length=0):
     import onnx
 
@@ -104,13 +110,15 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         pre_info[g] = Q.preprocess(manifest.path(g), prepared[g])
     models = {g: onnx.load(prepared[g], load_external_data=False) for g in graphs}
     Q.check_extra_exclusions(list(models.values()), exclude)
-    exclusions = {g: Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all) for g in graphs}
+    exclusions = {g: Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all)
+                  if op_types[g] != () else {} for g in graphs}  # a graph left FP32 has nothing to exclude
     del models
     _clean(out_dir)  # the files of an earlier calibration (the manifest first of all)
 
     started = time.perf_counter()
     log(f"calibrating {model_dir} -> {out_dir}: method {method}, "
-        f"{'everything quantized' if quantize_all else 'default exclusions' + (' + ' + ', '.join(exclude) if exclude else '')}, "
+        f"{'everything quantized' if quantize_all else 'default exclusions' + (' + ' + ', '.join(exclude) if exclude else '')}"
+        f"{', stages FP32' if any(op_types[g] == () for g in graphs) else ''}, "
         f"{clips} clips from {source.describe()}")
     recording = data_lib.record(model_dir, source, clips=clips, clips_per_video=clips_per_video,
                                 clip_length=clip_length,
@@ -123,12 +131,16 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             file_name = manifest.graphs[g]["file"]
             dst = os.path.join(out_dir, file_name)
             inputs = [t["name"] for t in manifest.graphs[g].get("inputs", [])] or None
-            try:
-                info = Q.quantize_graph(src, dst, recording.reader(g, inputs), method=method,
-                                        excluded=exclusions[g], op_types=Q.op_types_for(g, quantize_all),
-                                        dedicated_pairs=Q.dedicated_pairs_for(g))
-            except RuntimeError as e:
-                raise UserError(f"quantization of {g} failed: {e}") from e
+            if op_types[g] == ():  # left FP32: the preprocessed graph as it is
+                onnx.save(onnx.load(src), dst)
+                info = {"qdq": {}, "fp32": True}
+            else:
+                try:
+                    info = Q.quantize_graph(src, dst, recording.reader(g, inputs), method=method,
+                                            excluded=exclusions[g], op_types=op_types[g],
+                                            dedicated_pairs=Q.dedicated_pairs_for(g))
+                except RuntimeError as e:
+                    raise UserError(f"quantization of {g} failed: {e}") from e
             problems = trt_check.check_onnx(dst)
             if problems:
                 raise UserError(f"{file_name}: the Q/DQ graph fails the TensorRT-readiness check: "
@@ -138,9 +150,10 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             # tensor that only exists in the preprocessed graph (folded away) would be ignored
             fp32_tensors = Q.tensor_names(onnx.load(manifest.path(g), load_external_data=False))
             scales = {k: v for k, v in Q.activation_scales(model).items() if k in fp32_tensors}
-            cache_file = g + CACHE_SUFFIX
-            cache_lib.write_cache(os.path.join(out_dir, cache_file), scales, version, cache_algorithm)
-            caches[g] = {"file": cache_file, "header": cache_header, "tensors": len(scales)}
+            if scales:  # a graph left FP32 has no INT8 tensor, so no cache
+                cache_file = g + CACHE_SUFFIX
+                cache_lib.write_cache(os.path.join(out_dir, cache_file), scales, version, cache_algorithm)
+                caches[g] = {"file": cache_file, "header": cache_header, "tensors": len(scales)}
             entry = dict(manifest.graphs[g])
             entry.update(manifest_lib.file_entry(out_dir, file_name), external_data=[],
                          nodes=len(model.graph.node))
@@ -150,11 +163,12 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             entries[g] = entry
             seconds = time.perf_counter() - t0
             details[g] = {"source_sha256": manifest.graphs[g].get("sha256"), "seconds": round(seconds, 2),
-                          "preprocessed": pre_info[g], **info}
+                          "preprocessed": pre_info[g], **info, "nodes": len(model.graph.node)}
             qdq = info["qdq"]
-            log(f"  {file_name:<14} {seconds:6.1f} s  {qdq.get('QuantizeLinear', 0):4d} Q / "
-                f"{qdq.get('DequantizeLinear', 0):4d} DQ, {len(exclusions[g])} nodes kept float, "
-                f"{len(scales)} cached scales, TensorRT check OK")
+            what = ("FP32 (--quantize-stages quantizes it)" if info.get("fp32") else
+                    f"{qdq.get('QuantizeLinear', 0):4d} Q / {qdq.get('DequantizeLinear', 0):4d} DQ, "
+                    f"{len(exclusions[g])} nodes kept float, {len(scales)} cached scales")
+            log(f"  {file_name:<14} {seconds:6.1f} s  {what}, TensorRT check OK")
     finally:
         recording.cleanup()
 
@@ -168,9 +182,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         "format": "QDQ", "tool": _ort_version(), "method": method,
         "activations": "int8 per-tensor symmetric (zero point 0)",
         "weights": "int8 per-channel symmetric (zero point 0)", "bias": "float",
-        "quantize_all": bool(quantize_all),
-        "op_types": {g: "all" if Q.op_types_for(g, quantize_all) is None else list(Q.op_types_for(g, quantize_all))
-                     for g in graphs},
+        "quantize_all": bool(quantize_all), "quantize_stages": all(op_types[g] != () for g in graphs),
+        "op_types": {g: "all" if op_types[g] is None else list(op_types[g]) for g in graphs},  # []: kept FP32
         "excluded_op_types": [] if quantize_all else list(Q.DEFAULT_EXCLUDED_OP_TYPES),
         "exclude_args": list(exclude),
         "excluded": {g: exclusions[g] for g in graphs},
@@ -225,6 +238,9 @@ def add_arguments(p):
     p.add_argument("--clip-length", type=int, default=0, metavar="T",
                    help="frames per calibration clip (default: the model's T; e.g. 9 for a T = 36 "
                         "model at 360x640, whose calibration otherwise needs > 24 GB)")
+    p.add_argument("--quantize-stages", action="store_true",
+                   help="quantize the stages' weighted layers too (by default they stay FP32: "
+                        "slower in INT8 on ONNX Runtime's CPU provider)")
     p.add_argument("--quantize-all", action="store_true",
                    help="quantize every op ONNX Runtime can, no exclusions (for comparison)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="OP|NODE",
@@ -243,7 +259,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     calibrate(args.model, args.out, data=args.data, method=args.method, clips=args.clips,
-              clips_per_video=args.clips_per_video, quantize_all=args.quantize_all, exclude=args.exclude,
+              clips_per_video=args.clips_per_video, quantize_all=args.quantize_all,
+              quantize_stages=args.quantize_stages, exclude=args.exclude,
               threads=args.threads, cache_trt_version=args.cache_trt_version,
               cache_algorithm=args.cache_algorithm, evaluate_split=args.evaluate,
               eval_videos=args.eval_videos, log=lambda m: print(m, flush=True),

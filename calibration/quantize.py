@@ -29,8 +29,11 @@ Default exclusions (`select_exclusions`), each a node name with its reason:
   compute, stay INT8: each moved the masks by < 1 %).
 Op types quantized (`op_types_for`): in the backbone every op type ONNX Runtime can quantize (the
 residual and FPN Adds, ReLUs, MaxPool, Resize, ...), so that every conv reads and writes int8;
-in the stage and mask graphs Conv, ConvTranspose, Gemm, MatMul (weighted layers: where INT8
-kernels exist in TensorRT and ONNX Runtime). Outputs are quantized too, as ONNX Runtime does by
+in the mask graphs Conv, ConvTranspose, Gemm, MatMul (weighted layers: where INT8 kernels exist
+in TensorRT and ONNX Runtime); the stage graphs stay FP32 unless `quantize_stages` (their
+weighted layers are matrix products over N x T tokens, too small to gain from int8: at the r50
+size a stage ran 1.36x slower in INT8 than in FP32 on ONNX Runtime's CPU provider, 120 against
+88 ms, while the mask head gained 1.6x; docs/benchmarks.md). Outputs are quantized too, as ONNX Runtime does by
 default. In the backbone every consumer gets a Q/DQ pair of its own (`DedicatedQDQPair`,
 `dedicated_pairs_for`): ONNX Runtime's CPU provider then fuses DQ-Conv-Q into QLinearConv wherever
 a conv's output has one reader, provided the session runs without common-subexpression
@@ -39,7 +42,7 @@ FPN lateral conv, read by the P5 output conv and by the upsampling, stays float.
 sum kept a float Conv behind a runtime DequantizeLinear of their weights: 27 of ResNet-50 + FPN's
 61 convs, and the INT8 backbone was slower than FP32 (r50 size, 360x640, T = 9: 2.7 s against
 2.4 s; now 60 of 61 fused, 1.3 s). `quantize_all=True` quantizes every op type ONNX Runtime can in
-every graph, with no exclusion (the comparison point).
+every graph, stages included, with no exclusion (the comparison point).
 """
 
 from __future__ import annotations
@@ -187,10 +190,15 @@ def head_producers(graph: _Graph, outputs=HEAD_OUTPUTS, branches=BRANCH_OUTPUTS)
     return found
 
 
-def op_types_for(graph_name, quantize_all=False):
-    """Op types quantized in one graph (None: all): the whole backbone, the weighted layers
-    elsewhere (module docstring)."""
-    return ALL_OP_TYPES if quantize_all or graph_name == "backbone" else DEFAULT_OP_TYPES
+def op_types_for(graph_name, quantize_all=False, quantize_stages=False):
+    """Op types quantized in one graph (None: all; empty: none, the graph stays FP32): the whole
+    backbone, the weighted layers of the mask heads, nothing in the stages unless asked for
+    (module docstring)."""
+    if quantize_all or graph_name == "backbone":
+        return ALL_OP_TYPES
+    if graph_name.startswith("stage_") and not quantize_stages:
+        return ()
+    return DEFAULT_OP_TYPES
 
 
 def dedicated_pairs_for(graph_name):

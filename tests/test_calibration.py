@@ -65,8 +65,9 @@ def exported(tmp_path_factory):
 def calibrated(exported):
     out = str(exported["root"] / "qdq")
     lines = []
+    # the stages quantized too, so that every graph's Q/DQ placement is checked below
     result = calibrate(exported["model_dir"], out, data=exported["data"], clips=6, clips_per_video=3,
-                       threads=1, cache_trt_version="10.3.0", log=lines.append)
+                       threads=1, cache_trt_version="10.3.0", quantize_stages=True, log=lines.append)
     return {"dir": out, "manifest": result, "log": lines}
 
 
@@ -201,6 +202,36 @@ def test_qdq_stays_close_to_fp32_on_the_same_clips(exported, calibrated):
             assert got[key].shape == ref[key].shape and np.array_equal(got[key], got2[key])
         probs = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
         assert np.abs(probs(got["class_logits"]) - probs(ref["class_logits"])).max() < 0.2
+
+
+def test_stages_stay_fp32_by_default(exported, tmp_path):
+    """By default only the backbone and the mask heads get Q/DQ nodes: a stage is written as ONNX
+    Runtime's basic optimizer leaves the FP32 graph, computes what the FP32 stage computes, and has
+    no TensorRT calibration cache."""
+    out = str(tmp_path / "default")
+    lines = []
+    result = calibrate(exported["model_dir"], out, data=exported["data"], clips=2, clips_per_video=2,
+                       threads=1, log=lines.append)
+    q = result["quantization"]
+    assert not q["quantize_stages"]
+    assert q["op_types"]["backbone"] == "all" and q["op_types"]["mask_1"] == list(Q.DEFAULT_OP_TYPES)
+    assert q["op_types"]["stage_0"] == q["op_types"]["stage_1"] == []
+    assert set(q["tensorrt_calibration_caches"]) == {"backbone", "mask_0", "mask_1"}
+    assert any(line.lstrip().startswith("stage_1.onnx") and "FP32" in line for line in lines)
+    for g in GRAPHS:
+        ops = {n.op_type for n in onnx.load(os.path.join(out, f"{g}.onnx")).graph.node}
+        assert ("QuantizeLinear" in ops) == (not g.startswith("stage_")), g
+        assert os.path.exists(os.path.join(out, f"{g}.calibration.cache")) == (not g.startswith("stage_"))
+    assert trt_check.check_model_dir(out) == []
+    rng = np.random.default_rng(2)
+    fp32, kept = (_session(os.path.join(d, "stage_1.onnx")) for d in (exported["model_dir"], out))
+    feeds = {i.name: rng.standard_normal([d if isinstance(d, int) else 3 for d in i.shape]).astype(np.float32)
+             for i in fp32.get_inputs()}
+    feeds["proposals_in"] = (np.abs(feeds["proposals_in"]) * 20 + [[[0, 0, 20, 20]]]).astype(np.float32)
+    for x, y in zip(fp32.run(None, feeds), kept.run(None, feeds)):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="cannot be combined with --quantize-stages"):
+        calibrate(exported["model_dir"], out, data=exported["data"], quantize_all=True, quantize_stages=True)
 
 
 def test_quantize_all_quantizes_the_excluded_ops(exported, tmp_path):
