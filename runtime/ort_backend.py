@@ -26,7 +26,8 @@ class logits, boxes and mask probabilities come back to the host. A slot reset (
 queries through the host and puts q* into the reset slots. On CPU plain `run()` is used.
 
 INT8: `qdq_dir` holds Q/DQ versions of the graphs (same file names, from `evis calibrate`); they run
-on every provider (TensorRT EP with trt_int8_enable). FP16 is a TensorRT EP option.
+on every provider (TensorRT EP with trt_int8_enable, except for the graphs the calibration left
+FP32: the manifest's quantization.op_types lists none for them). FP16 is a TensorRT EP option.
 """
 
 import os
@@ -120,6 +121,10 @@ class OrtBackend:
                 graphs_of = manifest_lib.load(qdq_dir)
             graph_dir, int8 = qdq_dir, True
 
+        # graphs `evis calibrate` left FP32 in a QDQ_DIR (the stages by default): no INT8 for them
+        self.float_graphs = {g for g, t in graphs_of.data.get("quantization", {}).get("op_types", {}).items()
+                             if t == []}
+
         def file_of(g):
             entry = graphs_of.graphs.get(g)
             return os.path.join(graph_dir, entry["file"] if entry else g + ".onnx")
@@ -177,7 +182,7 @@ class OrtBackend:
         except OSError as e:
             raise UserError(f"cannot create the TensorRT cache folder {cache}: {e.strerror or e} "
                             f"(give a writable one with --cache)") from None
-        trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8),
+        trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8) and graph not in self.float_graphs,
                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         profiles = self.profiles(graph, profile_shapes)

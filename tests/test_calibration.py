@@ -230,6 +230,13 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
     feeds["proposals_in"] = (np.abs(feeds["proposals_in"]) * 20 + [[[0, 0, 20, 20]]]).astype(np.float32)
     for x, y in zip(fp32.run(None, feeds), kept.run(None, feeds)):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    # on the TensorRT EP only the quantized graphs are built with INT8 enabled
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        from efficientvis.runtime.ort_backend import OrtBackend
+
+        b = OrtBackend(out, provider="tensorrt", threads=1, cache_dir=str(tmp_path / "trt_cache"))
+        int8 = {g: b._providers(g, False, True, None, None)[0][1]["trt_int8_enable"] for g in GRAPHS}
+        assert int8 == {g: not g.startswith("stage_") for g in GRAPHS}
     with pytest.raises(UserError, match="cannot be combined with --quantize-stages"):
         calibrate(exported["model_dir"], out, data=exported["data"], quantize_all=True, quantize_stages=True)
 
