@@ -104,10 +104,14 @@ class TrainConfig:
     max_minutes: float = 0.0          # >0: stop (with a checkpoint) after this wall time
     max_steps: int = 0                # >0: stop after this many steps (ablations at an equal schedule)
     budget_minutes: float = 0.0       # >0: the schedule's length is fitted to this wall time (see below)
-    budget_calibration_steps: int = 50  # steps timed before the budgeted length is fixed
+    budget_calibration_steps: int = 50  # steps timed before the budgeted length is first fitted
     # steps run before that timing starts: the first ones are slower (allocator and oneDNN warm-up,
     # the data loader starting); timing them made a 27-minute budget end 3 minutes early
     budget_warmup_steps: int = 10
+    # the length is fitted again every budget_calibration_steps from the mean speed since the timing
+    # started, until this fraction of it has run: a slow first window (another job on the machine)
+    # fixed a 27-minute budget at 1586 steps that ran in 20.7 minutes
+    budget_refit_until: float = 0.25
 
 
 @dataclass

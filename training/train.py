@@ -136,8 +136,10 @@ def budgeted_steps(seconds_per_step, elapsed, budget_minutes, done, cap, margin=
     """The number of steps that ends training within `budget_minutes` (from the start of this
     process's loop, `elapsed` seconds ago, `done` steps made) at `seconds_per_step`, at most `cap`.
     The lr schedule is then laid out over that length, so a cosine decay ends on time instead of
-    being cut by max_minutes, and a fast machine trains longer than a slow one. Fixed once measured
-    and kept in the checkpoints, so a resumed run keeps the same schedule (exact resume)."""
+    being cut by max_minutes, and a fast machine trains longer than a slow one. Fitted again from
+    the mean speed while less than train.budget_refit_until of the run has gone (the cosine is
+    still near its peak, so the lr barely moves), then fixed; the checkpoints keep it, so a resumed
+    run keeps its schedule."""
     left = budget_minutes * 60 * margin - elapsed
     return max(done, min(cap, done + int(left / seconds_per_step)))
 
@@ -391,16 +393,17 @@ def run(args):
             timed = step - first_step - cfg.train.budget_warmup_steps  # steps since the speed is timed
             if fit_budget and timed == 0:
                 timing_start = time.time()
-            if fit_budget and timed >= cfg.train.budget_calibration_steps:
-                fit_budget = False
+            if fit_budget and timed > 0 and timed % cfg.train.budget_calibration_steps == 0:
                 rate = (time.time() - timing_start) / timed
-                budget_total = _rank0(budgeted_steps(rate, time.time() - start_time, cfg.train.budget_minutes,
-                                                     step, budget_cap), world, device)
-                total_steps = budget_total
+                fitted = _rank0(budgeted_steps(rate, time.time() - start_time, cfg.train.budget_minutes,
+                                               step, budget_cap), world, device)  # one length on every rank
+                fit_budget = step < cfg.train.budget_refit_until * fitted
+                if main and abs(fitted - budget_total) > 0.01 * budget_total:  # the first fit, large changes
+                    print(f"\n{rate:.2f} s/step over {timed} steps: {fitted} steps fit "
+                          f"train.budget_minutes={cfg.train.budget_minutes:g}"
+                          f"{f' (was {budget_total})' if budget_total else ''}")
+                budget_total = total_steps = fitted
                 bar.total = total_steps
-                if main:
-                    print(f"\n{rate:.2f} s/step over {timed} steps: "
-                          f"{total_steps} steps fit train.budget_minutes={cfg.train.budget_minutes:g}")
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", epoch=epoch)
             if step % cfg.train.log_every == 0 or step == total_steps:
