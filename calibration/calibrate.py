@@ -89,7 +89,7 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
     os.makedirs(out_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix=".evis-calibrate-", dir=out_dir)
     try:
-        op_types = {g: Q.op_types_for(g, quantize_all, quantize_stages) for g in graphs}
+        op_types = {g: Q.op_types_for(g, quantize_all, quantize_stages) for g in graphs}  # (): kept FP32
         return _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips, clips_per_video,
                           quantize_all, op_types, exclude, threads, version, cache_algorithm, cache_header,
                           evaluate_split, eval_videos, log, clip_length)
@@ -110,15 +110,16 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         pre_info[g] = Q.preprocess(manifest.path(g), prepared[g])
     models = {g: onnx.load(prepared[g], load_external_data=False) for g in graphs}
     Q.check_extra_exclusions(list(models.values()), exclude)
-    exclusions = {g: Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all)
-                  if op_types[g] != () else {} for g in graphs}  # a graph left FP32 has nothing to exclude
+    kept_fp32 = {g for g in graphs if op_types[g] == ()}
+    exclusions = {g: {} if g in kept_fp32 else Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all)
+                  for g in graphs}
     del models
     _clean(out_dir)  # the files of an earlier calibration (the manifest first of all)
 
     started = time.perf_counter()
     log(f"calibrating {model_dir} -> {out_dir}: method {method}, "
         f"{'everything quantized' if quantize_all else 'default exclusions' + (' + ' + ', '.join(exclude) if exclude else '')}"
-        f"{', stages FP32' if any(op_types[g] == () for g in graphs) else ''}, "
+        f"{', stages FP32' if kept_fp32 else ''}, "
         f"{clips} clips from {source.describe()}")
     recording = data_lib.record(model_dir, source, clips=clips, clips_per_video=clips_per_video,
                                 clip_length=clip_length,
@@ -131,7 +132,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             file_name = manifest.graphs[g]["file"]
             dst = os.path.join(out_dir, file_name)
             inputs = [t["name"] for t in manifest.graphs[g].get("inputs", [])] or None
-            if op_types[g] == ():  # left FP32: the preprocessed graph as it is
+            if g in kept_fp32:  # the preprocessed graph as it is
                 onnx.save(onnx.load(src), dst)
                 info = {"qdq": {}, "fp32": True}
             else:
@@ -163,9 +164,9 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             entries[g] = entry
             seconds = time.perf_counter() - t0
             details[g] = {"source_sha256": manifest.graphs[g].get("sha256"), "seconds": round(seconds, 2),
-                          "preprocessed": pre_info[g], **info, "nodes": len(model.graph.node)}
+                          "preprocessed": pre_info[g], **info}
             qdq = info["qdq"]
-            what = ("FP32 (--quantize-stages quantizes it)" if info.get("fp32") else
+            what = ("FP32 (--quantize-stages quantizes it)" if g in kept_fp32 else
                     f"{qdq.get('QuantizeLinear', 0):4d} Q / {qdq.get('DequantizeLinear', 0):4d} DQ, "
                     f"{len(exclusions[g])} nodes kept float, {len(scales)} cached scales")
             log(f"  {file_name:<14} {seconds:6.1f} s  {what}, TensorRT check OK")
@@ -182,7 +183,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         "format": "QDQ", "tool": _ort_version(), "method": method,
         "activations": "int8 per-tensor symmetric (zero point 0)",
         "weights": "int8 per-channel symmetric (zero point 0)", "bias": "float",
-        "quantize_all": bool(quantize_all), "quantize_stages": all(op_types[g] != () for g in graphs),
+        "quantize_all": bool(quantize_all), "quantize_stages": not kept_fp32,
         "op_types": {g: "all" if op_types[g] is None else list(op_types[g]) for g in graphs},  # []: kept FP32
         "excluded_op_types": [] if quantize_all else list(Q.DEFAULT_EXCLUDED_OP_TYPES),
         "exclude_args": list(exclude),

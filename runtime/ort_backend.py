@@ -182,7 +182,8 @@ class OrtBackend:
         except OSError as e:
             raise UserError(f"cannot create the TensorRT cache folder {cache}: {e.strerror or e} "
                             f"(give a writable one with --cache)") from None
-        trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16), "trt_int8_enable": bool(int8) and graph not in self.float_graphs,
+        trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16),
+               "trt_int8_enable": bool(int8) and graph not in self.float_graphs,
                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         profiles = self.profiles(graph, profile_shapes)
