@@ -52,8 +52,9 @@ def _split(path):
     return source
 
 
-def evaluate(model_dir, split, threads=0, max_videos=0, log=None) -> dict:
-    """AP of MODEL_DIR (or a QDQ_DIR with its manifest) on a YouTube-VIS split folder."""
+def evaluate(model_dir, split, threads=0, max_videos=0, log=None, tensorrt_form=False) -> dict:
+    """AP of MODEL_DIR (or a QDQ_DIR with its manifest) on a YouTube-VIS split folder, on ONNX
+    Runtime's CPU provider (a QDQ_DIR's CPU form, or with `tensorrt_form` its TensorRT form)."""
     from efficientvis.runtime.dataset import run_video, video_frames
     from efficientvis.runtime.ort_backend import OrtBackend
     from efficientvis.ytvis import format as ytvis_format
@@ -66,7 +67,7 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None) -> dict:
     if len(ids) != len(gt.videos):
         gt = Dataset({v: gt.videos[v] for v in ids}, {v: gt.tracks.get(v, []) for v in ids if v in gt.tracks},
                      gt.categories, gt.path)
-    backend = _Timed(OrtBackend(model_dir, threads=threads))
+    backend = _Timed(OrtBackend(model_dir, threads=threads, tensorrt_form=tensorrt_form))
     m = backend.backend.manifest
     options = m.loop_options()
     top_k = int(m.infer.get("top_k", 10))

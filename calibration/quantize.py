@@ -43,6 +43,16 @@ sum kept a float Conv behind a runtime DequantizeLinear of their weights: 27 of 
 61 convs, and the INT8 backbone was slower than FP32 (r50 size, 360x640, T = 9: 2.7 s against
 2.4 s; now 60 of 61 fused, 1.3 s). `quantize_all=True` quantizes every op type ONNX Runtime can in
 every graph, stages included, with no exclusion (the comparison point).
+
+ONNX Runtime's CPU form (`cpu_dst`, `cpu_form_for`: the backbone): the same graph quantized again
+from the same recorded inputs with asymmetric uint8 activations (int8 per-channel symmetric
+weights as before), ONNX Runtime's native x86 form. A symmetric int8 tensor cannot express a
+Relu, so the TensorRT form keeps every Relu in float between a DequantizeLinear and a
+QuantizeLinear (49 at r50: with their Q/DQ, 0.47 s of a 1.07 s INT8 backbone); with uint8 and zero
+point 0 the quantizer folds each Relu into the QuantizeLinear before it, a default session fuses
+all 61 convs into QLinearConv (no dedicated pairs needed) and the backbone takes 0.59 s, 3.4x FP32.
+TensorRT takes only the symmetric form (zero point 0, int8), so both are written; the runtime
+picks the CPU form on ONNX Runtime's CPU provider.
 """
 
 from __future__ import annotations
@@ -209,6 +219,16 @@ def dedicated_pairs_for(graph_name):
     return graph_name == "backbone"
 
 
+def cpu_form_for(graph_name):
+    """Whether a graph also gets ONNX Runtime's CPU form (uint8 activations): the backbone, where
+    it runs 1.8x faster than the TensorRT form on ONNX Runtime's CPU provider at the r50 size
+    (0.59 s against 1.07 s per 9-frame clip: no Relu between a DequantizeLinear and a
+    QuantizeLinear, 61 of 61 convs fused) at the same AP on the tiny model. Not the mask heads:
+    their CPU form was 1.2x faster (0.31 s against 0.37 s) but cost 0.009 AP on the tiny model
+    (docs/benchmarks.md)."""
+    return graph_name == "backbone"
+
+
 # ONNX Runtime optimizers a graph written with dedicated Q/DQ pairs must run without: the
 # common-subexpression elimination merges the pairs again (and the convs stay float). Recorded per
 # graph in the manifest ("onnxruntime_disabled_optimizers"); the runtime reads it from there.
@@ -327,14 +347,48 @@ def entropy_cache(src, reader, op_types, cache_path) -> int:
     return len(data.data)
 
 
+def cpu_op_types(op_types):
+    """Op types of a graph's ONNX Runtime CPU form: the TensorRT form's, plus Relu where only some
+    are listed: with asymmetric uint8 activations the quantizer folds a Relu into the
+    QuantizeLinear in front of it (zero point 0 clips at 0), so no Relu runs in float between a
+    DequantizeLinear and a QuantizeLinear."""
+    return None if op_types is None else tuple(op_types) + ("Relu",)
+
+
 def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), per_channel=True,
-                   op_types=DEFAULT_OP_TYPES, dedicated_pairs=False) -> dict:
-    """One FP32 graph -> its Q/DQ model at `dst`; op_types None quantizes every op type ONNX
-    Runtime can. Returns {"nodes", "qdq": Counter, ...}."""
+                   op_types=DEFAULT_OP_TYPES, dedicated_pairs=False, cpu_dst=None) -> dict:
+    """One FP32 graph -> its Q/DQ model at `dst` (TensorRT's form: symmetric int8), and with
+    `cpu_dst` also ONNX Runtime's CPU form there (asymmetric uint8 activations, module docstring),
+    both from the same recorded inputs; op_types None quantizes every op type ONNX Runtime can.
+    Returns {"nodes", "qdq": Counter, ..., "cpu_form": {"nodes", "qdq"}}."""
+    cache = {}
+    entropy_tensors = 0
+    if method == "entropy":  # one KL search serves both forms
+        cache["calibration_cache_path"] = dst + ".entropy.json"
+        entropy_tensors = entropy_cache(src, reader, None if op_types is None else list(op_types),
+                                        cache["calibration_cache_path"])
+    try:
+        info = _quantize_form(src, dst, reader, method, excluded, per_channel, op_types, cache,
+                              symmetric_int8=True, dedicated_pairs=dedicated_pairs)
+        info["entropy_tensors"] = entropy_tensors
+        if cpu_dst:
+            reader.rewind()
+            cpu = _quantize_form(src, cpu_dst, reader, method, excluded, per_channel, cpu_op_types(op_types),
+                                 cache, symmetric_int8=False, dedicated_pairs=False)
+            info["cpu_form"] = {"nodes": cpu["nodes"], "qdq": cpu["qdq"]}
+    finally:
+        for leftover in cache.values():
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return info
+
+
+def _quantize_form(src, dst, reader, method, excluded, per_channel, op_types, cache, symmetric_int8,
+                   dedicated_pairs) -> dict:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+    extra = {"ActivationSymmetric": symmetric_int8, "WeightSymmetric": True, "QuantizeBias": False,
              "DedicatedQDQPair": bool(dedicated_pairs)}
     # No CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMaxCalibrater discards the collected
     # outputs without merging their ranges when it is set ("No data is collected"). Calibration
@@ -342,38 +396,30 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), per_cha
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
     tmp = dst + ".tmp"
-    cache = {}
-    entropy_tensors = 0
-    if method == "entropy":
-        cache["calibration_cache_path"] = dst + ".entropy.json"
-        entropy_tensors = entropy_cache(src, reader, None if op_types is None else list(op_types),
-                                        cache["calibration_cache_path"])
     try:
         with _quiet_logging():
             quantize_static(src, tmp, reader, quant_format=QuantFormat.QDQ, **cache,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QInt8 if symmetric_int8 else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
                             per_channel=per_channel, calibrate_method=_method(method),
                             nodes_to_exclude=list(excluded),
                             op_types_to_quantize=None if op_types is None else list(op_types),
                             extra_options=extra)
         model = onnx.load(tmp)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        for leftover in (tmp + ".data", os.path.join(os.path.dirname(dst) or ".", "augmented_model.onnx"),
-                         *cache.values()):
+        for leftover in (tmp, tmp + ".data", os.path.join(os.path.dirname(dst) or ".", "augmented_model.onnx")):
             if os.path.exists(leftover):
                 os.unlink(leftover)
     outputs = float_graph_outputs(model)
     rewired = float_inputs_for(model, set(excluded))
     _prune_unused(model)
-    problems = check_qdq(model, set(excluded))
-    if problems:
-        raise RuntimeError(f"{os.path.basename(dst)}: " + "; ".join(problems[:5]))
+    if symmetric_int8:  # what TensorRT takes; the CPU form is for ONNX Runtime only
+        problems = check_qdq(model, set(excluded))
+        if problems:
+            raise RuntimeError(f"{os.path.basename(dst)}: " + "; ".join(problems[:5]))
     onnx.checker.check_model(model)
     onnx.save(model, dst)
     return {"nodes": len(model.graph.node), "rewired_inputs": rewired, "float_outputs": outputs,
-            "entropy_tensors": entropy_tensors,
             "qdq": dict(Counter(n.op_type for n in model.graph.node
                                 if n.op_type in ("QuantizeLinear", "DequantizeLinear")))}
 

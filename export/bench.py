@@ -56,7 +56,7 @@ cpu_count, threads, python, torch, onnxruntime, tensorrt, load_average, nice, ma
 model {source, checkpoint, config, model_dir, qdq_dir, N, C, M, K}, settings {size [H, W],
 source_size, clip, stages, warmup, iters, threads}, flops {method, per_clip, gflops_per_clip,
 gflops_per_frame, graphs, torch_flop_counter, per_clip_fused}, backends [{name, runtime, precision,
-provider, threads, status (ok | skipped | error), reason, latency_ms {part: {mean, p50, p90, p99,
+provider, threads, status (ok | skipped | error), reason, graph_files {graph: file run}, latency_ms {part: {mean, p50, p90, p99,
 min}}, per_frame_ms {model, clip}, fps {model, end_to_end}, gflops_per_clip, gflops_per_s,
 matmul_rate_share, load_average {before, after}, peak_rss_mb,
 rss_increase_mb, speedup_vs_pytorch {model, end_to_end}, instances_per_clip, stages_sweep
@@ -778,6 +778,9 @@ def run(args) -> int:
         try:
             runner = make()
             entry["provider"] = _provider_label(runner, provider)
+            files = getattr(getattr(runner, "backend", None), "files", None)
+            if files:  # which file each session runs (a QDQ_DIR's CPU form, the fused graph, ...)
+                entry["graph_files"] = {g: os.path.basename(f) for g, f in files.items()}
             records, input_hw, inst = measure(runner, clip_bgr, short, long_side, stages, args.warmup,
                                               args.iters, manifest.num_queries, options)
         except UserError as e:

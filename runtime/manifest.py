@@ -129,10 +129,13 @@ class Manifest:
         return graph in self.graphs and os.path.isfile(self.path(graph))
 
     def files(self):
-        """(file, sha256) of every file the manifest lists: graphs, external data, q*."""
+        """(file, sha256) of every file the manifest lists: graphs (and their CPU forms), external
+        data, q*."""
         out = []
         for graph in self.graphs.values():
             out.append((graph["file"], graph.get("sha256")))
+            if isinstance(graph.get("cpu_form"), dict):  # a QDQ_DIR's ONNX Runtime CPU form
+                out.append((graph["cpu_form"]["file"], graph["cpu_form"].get("sha256")))
             out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", []) or []]
         q = self.data.get("initial_queries")
         if isinstance(q, dict) and q.get("file"):

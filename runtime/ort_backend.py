@@ -27,7 +27,9 @@ queries through the host and puts q* into the reset slots. On CPU plain `run()` 
 
 INT8: `qdq_dir` holds Q/DQ versions of the graphs (same file names, from `evis calibrate`); they run
 on every provider (TensorRT EP with trt_int8_enable, except for the graphs the calibration left
-FP32: the manifest's quantization.op_types lists none for them). FP16 is a TensorRT EP option.
+FP32: the manifest's quantization.op_types lists none for them). On the CPU provider a graph's
+`cpu_form` (`<graph>.cpu.onnx`: uint8 activations) is run instead when the QDQ_DIR has one.
+FP16 is a TensorRT EP option.
 """
 
 import os
@@ -95,7 +97,7 @@ class OrtBackend:
 
     def __init__(self, model_dir, provider="cpu", fp16=False, int8=False, threads=0, cache_dir=None,
                  profile_shapes=None, qdq_dir=None, fused=False, device_id=0, manifest=None,
-                 every_mask_head=False):
+                 every_mask_head=False, tensorrt_form=False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -109,6 +111,8 @@ class OrtBackend:
         self.num_queries, self.clip_length = m.num_queries, m.clip_length
         self.num_stages = m.num_stages
         self.every_mask_head = every_mask_head  # calibration: every stage's mask head sees its inputs
+        # tensorrt_form: a QDQ_DIR's TensorRT form (symmetric int8) on the CPU provider too (its
+        # accuracy, measured where TensorRT is not)
         graph_dir, graphs_of = model_dir, m
         if "quantization" in m.data:  # a QDQ_DIR given as the model itself
             qdq_dir = qdq_dir or model_dir
@@ -125,9 +129,16 @@ class OrtBackend:
         self.float_graphs = {g for g, t in graphs_of.data.get("quantization", {}).get("op_types", {}).items()
                              if t == []}
 
+        def entry_of(g):
+            """A graph's manifest entry; on the CPU provider a Q/DQ graph's CPU form if it has one
+            (uint8 activations: ONNX Runtime's x86 int8 kernels, no float Relu between Q/DQ)."""
+            entry = graphs_of.graphs.get(g) or {"file": g + ".onnx"}
+            if provider == "cpu" and int8 and isinstance(entry.get("cpu_form"), dict) and not tensorrt_form:
+                return entry["cpu_form"]
+            return entry
+
         def file_of(g):
-            entry = graphs_of.graphs.get(g)
-            return os.path.join(graph_dir, entry["file"] if entry else g + ".onnx")
+            return os.path.join(graph_dir, entry_of(g)["file"])
 
         split = m.split_graphs
         self.fused = bool(fused) or not all(os.path.isfile(file_of(g)) for g in split)
@@ -136,7 +147,7 @@ class OrtBackend:
                                                "neither the split graphs (backbone, stage_k, mask_k .onnx) "
                                                "nor model.onnx"))
         graphs = ["model"] if self.fused else split
-        files = {g: file_of(g) for g in graphs}
+        self.files = files = {g: file_of(g) for g in graphs}  # what each session runs
 
         options = ort.SessionOptions()
         if threads:
@@ -151,7 +162,7 @@ class OrtBackend:
             providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes)
                          if (p[0] if isinstance(p, tuple) else p) in available]
             try:
-                self.sessions[g] = inference_session(ort, files[g], options, providers, graphs_of.graphs.get(g))
+                self.sessions[g] = inference_session(ort, files[g], options, providers, entry_of(g))
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
                 raise UserError(f"{files[g]}: ONNX Runtime cannot load it ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0][:200]})") from None

@@ -160,6 +160,45 @@ def test_onnx_runtime_runs_every_backbone_conv_in_int8(calibrated, tmp_path):
     assert ops.count("QLinearConv") == len(convs) - shared and ops.count("Conv") == shared, sorted(set(ops))
 
 
+def test_backbone_cpu_form_runs_every_conv_in_int8_without_float_relus(exported, calibrated, tmp_path):
+    """ONNX Runtime's CPU form of the backbone (uint8 activations): listed in the manifest with its
+    sha256, fused by a default session into QLinearConvs with no Relu left between a
+    DequantizeLinear and a QuantizeLinear (the symmetric TensorRT form keeps them: 1.8x slower at
+    the r50 size), and what OrtBackend runs on the CPU provider unless asked for the TensorRT form."""
+    from efficientvis.runtime.ort_backend import OrtBackend, inference_session
+
+    m = manifest_lib.load(calibrated["dir"])
+    entry = m.graphs["backbone"]["cpu_form"]
+    assert entry["file"] == "backbone.cpu.onnx" and "onnxruntime_disabled_optimizers" not in entry
+    assert not any("cpu_form" in m.graphs[g] for g in GRAPHS[1:])
+    assert m.data["quantization"]["cpu_form"]["op_types"] == {"backbone": "all"}
+    path = os.path.join(calibrated["dir"], entry["file"])
+    model = onnx.load(path)
+    zps = {zp.dtype for _, _, zp in Q.qdq_parameters(model) if zp is not None}
+    assert np.dtype(np.uint8) in zps  # activations
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    inference_session(ort, path, options, ["CPUExecutionProvider"], entry)
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops and "Relu" not in ops, sorted(set(ops))
+
+    cpu = OrtBackend(calibrated["dir"], threads=1)
+    trt_form = OrtBackend(calibrated["dir"], threads=1, tensorrt_form=True)
+    assert cpu.files["backbone"] == path and trt_form.files["backbone"].endswith(os.sep + "backbone.onnx")
+    assert cpu.files["mask_0"] == trt_form.files["mask_0"]
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(calibrated["dir"], broken)
+    with open(broken / entry["file"], "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="backbone.cpu.onnx: corrupt or modified"):
+        manifest_lib.load(str(broken))
+
+
 def test_qdq_stays_close_to_fp32_on_the_same_clips(exported, calibrated):
     """Per graph on recorded FP32 inputs (random weights amplify errors across chained stages,
     so each graph is compared on the same inputs), and the whole clip loop through OrtBackend."""
@@ -167,11 +206,12 @@ def test_qdq_stays_close_to_fp32_on_the_same_clips(exported, calibrated):
                           threads=1, log=lambda m: None)
     try:
         errors = {}
-        for g in GRAPHS:
-            a = _session(os.path.join(exported["model_dir"], f"{g}.onnx"))
+        for g in GRAPHS + ("backbone.cpu",):  # and the backbone's ONNX Runtime CPU form
+            a = _session(os.path.join(exported["model_dir"], f"{g.split('.')[0]}.onnx"))
             b = _session(os.path.join(calibrated["dir"], f"{g}.onnx"))
             names = [o.name for o in a.get_outputs()]
-            for feeds in iter(rec.reader(g).get_next, None):
+            assert [o.name for o in b.get_outputs()] == names
+            for feeds in iter(rec.reader(g.split(".")[0]).get_next, None):
                 for n, x, y in zip(names, a.run(None, feeds), b.run(None, feeds)):
                     assert y.dtype == np.float32 and y.shape == x.shape
                     # relative RMS error: |x - y| / |x| over the whole tensor
