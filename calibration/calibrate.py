@@ -115,6 +115,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
     models = {g: onnx.load(prepared[g], load_external_data=False) for g in graphs}
     Q.check_extra_exclusions(list(models.values()), exclude)
     kept_fp32 = {g for g in graphs if op_types[g] == ()}
+    for_onnxruntime_only = manifest.data.get("roi_align") == "grouped"
     exclusions = {g: {} if g in kept_fp32 else Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all)
                   for g in graphs}
     del models
@@ -148,7 +149,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
                                             cpu_dst=os.path.join(out_dir, cpu_file) if Q.cpu_form_for(g) else None)
                 except RuntimeError as e:
                     raise UserError(f"quantization of {g} failed: {e}") from e
-            problems = trt_check.check_onnx(dst)
+            # a grouped RoIAlign export is for ONNX Runtime only (NonZero: data-dependent shapes)
+            problems = [] if for_onnxruntime_only else trt_check.check_onnx(dst)
             if problems:
                 raise UserError(f"{file_name}: the Q/DQ graph fails the TensorRT-readiness check: "
                                 + "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
@@ -178,7 +180,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
                     f"{qdq.get('QuantizeLinear', 0):4d} Q / {qdq.get('DequantizeLinear', 0):4d} DQ, "
                     f"{len(exclusions[g])} nodes kept float, {len(scales)} cached scales"
                     f"{', + ' + cpu_file if 'cpu_form' in info else ''}")
-            log(f"  {file_name:<14} {seconds:6.1f} s  {what}, TensorRT check OK")
+            log(f"  {file_name:<14} {seconds:6.1f} s  {what}"
+                f"{'' if for_onnxruntime_only else ', TensorRT check OK'}")
     finally:
         recording.cleanup()
 
@@ -207,7 +210,8 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         "source_model": {"dir": os.path.abspath(model_dir),
                          "graphs": {g: manifest.graphs[g].get("sha256") for g in graphs}},
         "graphs": details, "tensorrt_calibration_caches": caches,
-        "tensorrt_check": "passed", "seconds": round(time.perf_counter() - started, 2)}
+        "tensorrt_check": "not applicable (--roi-align grouped)" if for_onnxruntime_only else "passed",
+        "seconds": round(time.perf_counter() - started, 2)}
     if evaluate_split:
         from efficientvis.calibration.evaluate import evaluate
 

@@ -53,7 +53,7 @@ head), since a stage's time does not depend on how many follow it.
 
 JSON (format_version 1): {command, format_version, created, package_version, machine {platform,
 cpu_count, threads, python, torch, onnxruntime, tensorrt, load_average, nice, matmul_gflops},
-model {source, checkpoint, config, model_dir, qdq_dir, N, C, M, K}, settings {size [H, W],
+model {source, checkpoint, config, model_dir, qdq_dir, engine_dirs, roi_align, backbone, N, C, M, K}, settings {size [H, W],
 source_size, clip, stages, warmup, iters, threads}, flops {method, per_clip, gflops_per_clip,
 gflops_per_frame, graphs, torch_flop_counter, per_clip_fused}, backends [{name, runtime, precision,
 provider, threads, status (ok | skipped | error), reason, graph_files {graph: file run}, latency_ms {part: {mean, p50, p90, p99,
@@ -220,18 +220,18 @@ def random_weights_checkpoint(cfg, path, seed=RANDOM_SEED):
     return path
 
 
-def _export_cached(checkpoint_path, folder, log):
-    """MODEL_DIR = folder/model with the split graphs and the fused model.onnx, exported once (a
-    folder with a manifest is a complete export)."""
+def _export_cached(checkpoint_path, folder, log, roi_form="roialign"):
+    """MODEL_DIR = folder/model (folder/model_<form> for another --roi-align) with the split graphs
+    and the fused model.onnx, exported once (a folder with a manifest is a complete export)."""
     from efficientvis.export.export import export_model
 
-    model_dir = os.path.join(folder, "model")
+    model_dir = os.path.join(folder, "model" if roi_form == "roialign" else f"model_{roi_form}")
     if os.path.isfile(os.path.join(model_dir, "manifest.json")):
         log(f"using the cached export {model_dir}")
         add_fused_graph(model_dir, log)
         return model_dir
     log(f"exporting {checkpoint_path} -> {model_dir} (once; cached)")
-    export_model(checkpoint_path, model_dir, fused=True, verify=False, log=log)
+    export_model(checkpoint_path, model_dir, roi_form=roi_form, fused=True, verify=False, log=log)
     return model_dir
 
 
@@ -298,7 +298,7 @@ def prepare_model(args, log):
             tmp = ckpt + ".tmp"
             random_weights_checkpoint(cfg, tmp)
             os.replace(tmp, ckpt)
-        model_dir = args.model or _export_cached(ckpt, folder, log)
+        model_dir = args.model or _export_cached(ckpt, folder, log, args.roi_align)
         return ckpt, model_dir, f"random weights (config {args.config}, seed {RANDOM_SEED})"
     if not args.checkpoint:
         raise UserError("give --checkpoint CKPT, or --random-weights --config NAME")
@@ -310,7 +310,7 @@ def prepare_model(args, log):
                             .encode()).hexdigest()[:12]
     folder = os.path.join(cache, f"ckpt-{digest}")
     os.makedirs(folder, exist_ok=True)
-    return args.checkpoint, _export_cached(args.checkpoint, folder, log), "checkpoint"
+    return args.checkpoint, _export_cached(args.checkpoint, folder, log, args.roi_align), "checkpoint"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +503,9 @@ def add_arguments(p):
     p.add_argument("--config", help="config name or YAML for --random-weights (e.g. r50_ytvis19)")
     p.add_argument("--random-weights", action="store_true",
                    help="benchmark the config's model with random weights (no checkpoint needed)")
+    p.add_argument("--roi-align", default="roialign", choices=["roialign", "gridsample", "grouped"],
+                   help="RoIAlign form of the export made here (evis export --roi-align; grouped is "
+                        "the fastest on ONNX Runtime, not for TensorRT; default roialign)")
     p.add_argument("--cache-dir", help=f"random-weight models and exports (default {default_cache_dir()})")
     p.add_argument("--size", help="model input HxW (default: the model's test size at 16:9, e.g. 360x640)")
     p.add_argument("--source-size", help="source frames HxW (default: twice --size per side)")
@@ -863,7 +866,8 @@ def run(args) -> int:
         "machine": machine,
         "model": {"description": description, "source": "random-weights" if args.random_weights else "checkpoint",
                   "checkpoint": ckpt, "config": cfg.name, "model_dir": model_dir, "qdq_dir": args.qdq,
-                  "engine_dirs": list(args.engines), "backbone": cfg.model.backbone,
+                  "engine_dirs": list(args.engines), "roi_align": manifest.data.get("roi_align", "roialign"),
+                  "backbone": cfg.model.backbone,
                   "N": manifest.num_queries, "C": manifest.hidden_dim, "M": M, "K": manifest.num_classes},
         "settings": {"size": [in_h, in_w], "source_size": [src_h, src_w], "clip": clip, "stages": stages,
                      "warmup": args.warmup, "iters": args.iters, "sweep_iters": sweep_iters,

@@ -8,7 +8,9 @@ How each graph is made:
   (the stage graphs take the four feature maps with their own dynamic sizes H4/W4 .. H32/W32),
   N, C, K static. RoIAlign becomes one ONNX `RoiAlign` node (half_pixel, explicit sampling_ratio)
   through `roi_align.ONNX_TRANSLATION_TABLE`, or the plugin-free GridSample form
-  (`--roi-align gridsample`).
+  (`--roi-align gridsample`), or per FPN level on that level's RoIs only (`--roi-align grouped`:
+  NonZero/GatherND/ScatterND, data-dependent shapes; ONNX Runtime only, a quarter of the RoIAlign
+  work of the static forms, which pool every RoI at every level for TensorRT).
 - torch 2.13's exporter writes opset >= 18 only. For `--opset 17` (default: what TensorRT 8.6 and
   every 10.x parse) the optimised opset-18 graph is converted with ONNX's version converter, which
   leaves an attribute opset 17 does not know on ReduceL2/ReduceMean (`noop_with_empty_axes`); it
@@ -50,6 +52,9 @@ from efficientvis.errors import UserError
 from efficientvis.export import graphs as G
 from efficientvis.runtime import manifest as manifest_lib
 
+# --roi-align: how the stages and mask heads pool (training/roi_align.py, export modes)
+ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSample at every FPN level",
+             "grouped": "RoiAlign per FPN level on its own RoIs (ONNX Runtime only)"}
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's dynamo exporter
 MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x 1)
@@ -624,7 +629,7 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     os.makedirs(out_dir, exist_ok=True)
     _clean(out_dir)
     log(f"exporting {checkpoint} -> {out_dir} (opset {opset}, RoIAlign as "
-        f"{'RoiAlign' if roi_form == 'roialign' else 'GridSample'}, T 1..{max_clip}, "
+        f"{ROI_FORMS[roi_form]}, T 1..{max_clip}, "
         f"H/W {min_size}..{max_size})")
     names = G.split_names(M)
     protos, entries, started = {}, {}, time.perf_counter()
@@ -710,9 +715,11 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by evis train")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="folder to write the graphs to")
-    p.add_argument("--roi-align", default="roialign", choices=["roialign", "gridsample"],
-                   help="RoIAlign as one ONNX RoiAlign node (TensorRT plugin ROIAlign_TRT) or as "
-                        "plugin-free GridSample (default: roialign)")
+    p.add_argument("--roi-align", default="roialign", choices=list(ROI_FORMS),
+                   help="RoIAlign as one ONNX RoiAlign node per FPN level (TensorRT plugin "
+                        "ROIAlign_TRT), as plugin-free GridSample, or grouped: each RoI pooled on its "
+                        "own level only (ONNX Runtime only, not TensorRT; fastest on CPU) "
+                        "(default: roialign)")
     p.add_argument("--fused", action="store_true", help="also write model.onnx (backbone + all stages)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")

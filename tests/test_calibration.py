@@ -281,6 +281,33 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
         calibrate(exported["model_dir"], out, data=exported["data"], quantize_all=True, quantize_stages=True)
 
 
+def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path):
+    """An `--roi-align grouped` export (NonZero: ONNX Runtime only) calibrates without the
+    TensorRT-readiness check, says so in its manifest, and its INT8 clip loop stays close to FP32."""
+    from efficientvis.export.export import export_model
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    model_dir = str(tmp_path / "grouped")
+    export_model(os.path.join(str(exported["root"]), "tiny.pt"), model_dir, roi_form="grouped", verify=False,
+                 log=lambda m: None)
+    out = str(tmp_path / "grouped_int8")
+    lines = []
+    result = calibrate(model_dir, out, data=exported["data"], clips=2, clips_per_video=2, threads=1,
+                       log=lines.append)
+    assert result["roi_align"] == "grouped"
+    assert result["quantization"]["tensorrt_check"] == "not applicable (--roi-align grouped)"
+    assert not any("TensorRT check OK" in line for line in lines)
+    assert any("NonZero" in p for p in trt_check.check_model_dir(out))
+    fp32, int8 = OrtBackend(model_dir, threads=1), OrtBackend(out, threads=1)
+    assert int8.files["backbone"].endswith("backbone.cpu.onnx")
+    frames = np.random.default_rng(3).integers(0, 256, (4, 3, 64, 112), dtype=np.uint8)
+    for b in (fp32, int8):
+        b.start_video()
+    ref, got = (b.run_clip(frames, np.zeros(4, bool)) for b in (fp32, int8))
+    probs = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    assert np.abs(probs(got["class_logits"]) - probs(ref["class_logits"])).max() < 0.2
+
+
 def test_quantize_all_quantizes_the_excluded_ops(exported, tmp_path):
     out = str(tmp_path / "all")
     result = calibrate(exported["model_dir"], out, data=exported["data"], clips=2, clips_per_video=2,

@@ -85,19 +85,29 @@ def exported(checkpoint_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported_gs(checkpoint_path, model, tmp_path_factory):
+def exported_gs(model, tmp_path_factory):
     """The GridSample form of stage_0 and mask_0 only, through the exporter's own per-graph function
     (a whole `--roi-align gridsample` export differs only in the stage and mask graphs, and each
     export costs ~20 s per graph on a busy 2-core machine); saved in MODEL_DIR with a manifest."""
-    out = str(tmp_path_factory.mktemp("model_gridsample"))
+    return _stage_and_mask_export(model, "gridsample", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported_grouped(model, tmp_path_factory):
+    """The grouped RoIAlign form (ONNX Runtime only) of stage_0 and mask_0, as exported_gs."""
+    return _stage_and_mask_export(model, "grouped", tmp_path_factory)
+
+
+def _stage_and_mask_export(model, form, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp(f"model_{form}"))
     cfg = model.cfg
     axes = E.axis_ranges(MAX_CLIP, 96, 192)
     graphs = {}
     for name in ("stage_0", "mask_0"):
         spec = E.graph_spec(name, cfg.num_queries, cfg.hidden_dim, cfg.num_classes, 28)
-        proto = E.export_graph(model, name, "gridsample", 17, axes, MAX_CLIP, spec, torch)
+        proto = E.export_graph(model, name, form, 17, axes, MAX_CLIP, spec, torch)
         graphs[name] = {**E.save_graph(proto, out, f"{name}.onnx"), "inputs": spec[0], "outputs": spec[1]}
-    data = {"format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "roi_align": "gridsample",
+    data = {"format": manifest_lib.FORMAT, "format_version": manifest_lib.FORMAT_VERSION, "roi_align": form,
             "T": MAX_CLIP, "N": cfg.num_queries, "C": cfg.hidden_dim, "M": 1, "K": cfg.num_classes,
             "class_names": [f"c{k}" for k in range(cfg.num_classes)],
             "category_ids": list(range(1, cfg.num_classes + 1)),
@@ -129,10 +139,10 @@ def run_graph(model_dir, name, feeds):
 # ONNX Runtime vs PyTorch
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("form", ["roialign", "gridsample"])
+@pytest.mark.parametrize("form", ["roialign", "gridsample", "grouped"])
 @pytest.mark.parametrize("T,H,W", SHAPES)
-def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs, request):
-    model_dir = (exported if form == "roialign" else exported_gs)[0]
+def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs, exported_grouped, request):
+    model_dir = {"roialign": exported, "gridsample": exported_gs, "grouped": exported_grouped}[form][0]
     frames = synthetic_frames(T, H, W, seed=T)
     image_size = np.array([H, W], np.float32)
     q0 = model.init_queries.weight.detach().numpy() + 0.1  # not q*: any clip's start queries
@@ -351,6 +361,20 @@ def test_check_passes_on_export(form, exported, exported_gs, capsys):
     assert evis(["check", model_dir]) == 0
     out = capsys.readouterr().out
     assert "OK" in out and ("RoiAlign" in out) == (form == "roialign") and "Conv" in out
+
+
+def test_grouped_form_is_refused_for_tensorrt(exported_grouped, tmp_path, capsys):
+    """--roi-align grouped has data-dependent shapes: evis check names the NonZero nodes, evis build
+    stops before TensorRT with one line saying which export to make instead."""
+    from efficientvis.export.engine import build_engines
+
+    model_dir = exported_grouped[0]
+    problems = trt_check.check_model_dir(model_dir)
+    assert problems and all("NonZero" in p for p in problems), problems
+    assert evis(["check", model_dir]) != 0
+    capsys.readouterr()
+    with pytest.raises(UserError, match="--roi-align grouped .* export again with --roi-align roialign"):
+        build_engines(model_dir, str(tmp_path / "engines"))
 
 
 def _save(path, nodes, inputs, outputs, opset, initializers=()):

@@ -386,6 +386,26 @@ def test_export_multilevel_roialign(tmp_path):
     assert err <= 1e-5
 
 
+def test_export_multilevel_grouped(tmp_path):
+    """--roi-align grouped: per level a NonZero picks that level's RoIs, one RoiAlign pools them and
+    a ScatterND puts them back (data-dependent shapes, no Where over four levels); the same numbers
+    as PyTorch, also when a level has no RoI (boxes on one level only)."""
+    module = _TinyRoI(multilevel=True)
+    model = _export(module, "grouped", tmp_path / "m.onnx")
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("RoiAlign") == 4 and ops.count("NonZero") == 4 and "Where" not in ops, sorted(set(ops))
+    err = _ort_vs_torch(module, tmp_path / "m.onnx", "grouped")
+    print(f"multilevel grouped ONNX RoiAlign vs torch: {err:.2e}")
+    assert err <= 1e-5
+    image = torch.randn(2, 3, 64, 96)
+    boxes = torch.tensor([[[4, 4, 20, 20], [30, 10, 50, 30]]] * 2, dtype=torch.float32)  # all on P2
+    assert set(ra.assign_levels(boxes).flatten().tolist()) == {0}
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"image": image.numpy(), "boxes": boxes.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(out - module(image, boxes).numpy()).max() <= 1e-5
+
+
 def test_eager_level_grouping_equals_the_static_export_form():
     """Training pools each RoI on its own level only; export pools every level and selects."""
     torch.manual_seed(0)
