@@ -148,6 +148,7 @@ class OrtBackend:
                                                "nor model.onnx"))
         graphs = ["model"] if self.fused else split
         self.files = files = {g: file_of(g) for g in graphs}  # what each session runs
+        self.precision = "int8" if int8 else "fp16" if fp16 else "fp32"
 
         options = ort.SessionOptions()
         if threads:

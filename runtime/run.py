@@ -257,6 +257,19 @@ def _check_input_size(manifest, info):
     return resized
 
 
+def _graphs_note(backend, manifest):
+    """', INT8 (backbone.cpu.onnx), RoIAlign grouped': what an ONNX Runtime backend runs, when it is
+    not the default export's FP32 graphs."""
+    notes = []
+    precision = getattr(backend, "precision", None)
+    if precision in ("int8", "fp16"):
+        cpu_form = [os.path.basename(f) for f in getattr(backend, "files", {}).values() if f.endswith(".cpu.onnx")]
+        notes.append(precision.upper() + (f" ({', '.join(cpu_form)})" if cpu_form else ""))
+    if manifest.data.get("roi_align", "roialign") != "roialign":
+        notes.append(f"RoIAlign {manifest.data['roi_align']}")
+    return "".join(", " + n for n in notes)
+
+
 def _run(args, manifest, source, clip_length):
     info = source.info
     resized = _check_input_size(manifest, info)
@@ -266,7 +279,8 @@ def _run(args, manifest, source, clip_length):
     print(f"evis run: {info.kind} {info.name} ({info.width}x{info.height} @ {info.fps:.1f} fps"
           f"{', live' if info.is_live else ''}) -> model input {resized[1]}x{resized[0]}, clips of "
           f"{clip_length}, {args.stages or manifest.num_stages}/{manifest.num_stages} stages, "
-          f"{type(inner).__name__} on {', '.join(in_use) or '?'}", file=sys.stderr, flush=True)
+          f"{type(inner).__name__} on {', '.join(in_use) or '?'}{_graphs_note(inner, manifest)}",
+          file=sys.stderr, flush=True)
 
     options = manifest.loop_options(clip_length, args.stages)
     make_linker = _make_linker(args, manifest)

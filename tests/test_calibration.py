@@ -306,6 +306,13 @@ def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path)
     ref, got = (b.run_clip(frames, np.zeros(4, bool)) for b in (fp32, int8))
     probs = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     assert np.abs(probs(got["class_logits"]) - probs(ref["class_logits"])).max() < 0.2
+    # evis run says on its first line what runs
+    images = os.path.join(exported["data"], "valid", "JPEGImages")
+    video = os.path.join(images, sorted(os.listdir(images))[0])
+    r = subprocess.run(EVIS + ["run", "--model", out, "--source", video, "--out", str(tmp_path / "run"),
+                               "--no-video", "--threads", "1"], capture_output=True, text=True, env=ENV, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0].endswith("on CPUExecutionProvider, INT8 (backbone.cpu.onnx), RoIAlign grouped")
 
 
 def test_quantize_all_quantizes_the_excluded_ops(exported, tmp_path):
