@@ -15,8 +15,10 @@
    --quantize-stages or --quantize-all. The backbone is quantized a second time in ONNX Runtime's
    CPU form (`backbone.cpu.onnx`: uint8 activations, no float Relus; 1.8x faster on the CPU
    provider), which `OrtBackend` runs on the CPU provider; TensorRT takes the symmetric int8 form.
-3. Every Q/DQ graph must pass the TensorRT-readiness check (export/trt_check.py: zero points 0,
-   ops TensorRT parses, ...).
+3. Every Q/DQ graph in TensorRT's form must pass the TensorRT-readiness check
+   (export/trt_check.py: zero points 0, ops TensorRT parses, ...), except for an export made with
+   `--roi-align grouped`, which is for ONNX Runtime only (no check, no TensorRT caches, no
+   TensorRT-form evaluation). The CPU form is checked for constant, positive, finite scales only.
 4. QDQ_DIR gets the Q/DQ graphs (and the stages kept FP32) under the FP32 file names,
    `initial_queries.npy`, one TensorRT calibration cache per quantized graph
    (`<graph>.calibration.cache`, calibration/cache.py) and, written
@@ -47,7 +49,6 @@ from efficientvis.runtime import manifest as manifest_lib
 
 DEFAULT_DATA = os.path.join("data", "synth")
 CACHE_SUFFIX = ".calibration.cache"
-CPU_FORM_SUFFIX = ".cpu.onnx"  # ONNX Runtime's CPU form of a quantized graph (calibration/quantize.py)
 OWN_FILES = re.compile(r"^(backbone|stage_\d+|mask_\d+)(\.cpu)?\.onnx$|^(backbone|stage_\d+|mask_\d+)\.calibration\.cache$|"
                        r"^initial_queries\.npy$|^manifest\.json$")
 
@@ -137,7 +138,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             file_name = manifest.graphs[g]["file"]
             dst = os.path.join(out_dir, file_name)
             inputs = [t["name"] for t in manifest.graphs[g].get("inputs", [])] or None
-            cpu_file = g + CPU_FORM_SUFFIX
+            cpu_file = g + manifest_lib.CPU_FORM_SUFFIX
             if g in kept_fp32:  # the preprocessed graph as it is
                 onnx.save(onnx.load(src), dst)
                 info = {"qdq": {}, "fp32": True}
@@ -159,7 +160,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
             # tensor that only exists in the preprocessed graph (folded away) would be ignored
             fp32_tensors = Q.tensor_names(onnx.load(manifest.path(g), load_external_data=False))
             scales = {k: v for k, v in Q.activation_scales(model).items() if k in fp32_tensors}
-            if scales:  # a graph left FP32 has no INT8 tensor, so no cache
+            if scales and not for_onnxruntime_only:  # a graph left FP32 has no INT8 tensor, so no cache
                 cache_file = g + CACHE_SUFFIX
                 cache_lib.write_cache(os.path.join(out_dir, cache_file), scales, version, cache_algorithm)
                 caches[g] = {"file": cache_file, "header": cache_header, "tensors": len(scales)}
@@ -195,10 +196,9 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
         "format": "QDQ", "tool": _ort_version(), "method": method,
         "activations": "int8 per-tensor symmetric (zero point 0)",
         "weights": "int8 per-channel symmetric (zero point 0)", "bias": "float",
-        "cpu_form": {"suffix": CPU_FORM_SUFFIX, "activations": "uint8 per-tensor asymmetric",
+        "cpu_form": {"suffix": manifest_lib.CPU_FORM_SUFFIX, "activations": "uint8 per-tensor asymmetric",
                      "weights": "int8 per-channel symmetric (zero point 0)", "bias": "float",
-                     "op_types": {g: "all" if op_types[g] is None else list(Q.cpu_op_types(op_types[g]))
-                                  for g in graphs if g in entries and "cpu_form" in entries[g]},
+                     "graphs": [g for g in graphs if "cpu_form" in entries[g]],
                      "used_by": "ONNX Runtime's CPU provider"},
         "quantize_all": bool(quantize_all), "quantize_stages": not kept_fp32,
         "op_types": {g: "all" if op_types[g] is None else list(op_types[g]) for g in graphs},  # []: kept FP32
@@ -217,13 +217,17 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
 
         fp32 = evaluate(model_dir, evaluate_split, threads=threads, max_videos=eval_videos, log=log)
         int8 = evaluate_qdq(model_dir, out_dir, result, evaluate_split, threads, eval_videos, log)
-        trt_form = evaluate_qdq(model_dir, out_dir, result, evaluate_split, threads, eval_videos, log,
-                                tensorrt_form=True)
-        result["quantization"]["evaluation"] = {
-            "split": evaluate_split, "fp32": fp32, "int8": int8, "delta_AP": round(int8["AP"] - fp32["AP"], 4),
-            "int8_tensorrt_form": trt_form, "delta_AP_tensorrt_form": round(trt_form["AP"] - fp32["AP"], 4)}
-        log(f"AP FP32 {fp32['AP']:.4f}  INT8 {int8['AP']:.4f} (CPU form, delta {int8['AP'] - fp32['AP']:+.4f})  "
-            f"{trt_form['AP']:.4f} (TensorRT form on ONNX Runtime CPU, delta {trt_form['AP'] - fp32['AP']:+.4f})")
+        evaluation = {"split": evaluate_split, "fp32": fp32, "int8": int8,
+                      "delta_AP": round(int8["AP"] - fp32["AP"], 4)}
+        line = f"AP FP32 {fp32['AP']:.4f}  INT8 {int8['AP']:.4f} (CPU form, delta {int8['AP'] - fp32['AP']:+.4f})"
+        if not for_onnxruntime_only:  # what TensorRT will run, measured on ONNX Runtime's CPU provider
+            trt_form = evaluate_qdq(model_dir, out_dir, result, evaluate_split, threads, eval_videos, log,
+                                    tensorrt_form=True)
+            evaluation.update(int8_tensorrt_form=trt_form,
+                              delta_AP_tensorrt_form=round(trt_form["AP"] - fp32["AP"], 4))
+            line += f"  {trt_form['AP']:.4f} (TensorRT form, delta {trt_form['AP'] - fp32['AP']:+.4f})"
+        result["quantization"]["evaluation"] = evaluation
+        log(line)
     manifest_lib.write(out_dir, result)
     log(f"wrote {out_dir}/manifest.json ({len(entries)} Q/DQ graphs, {result['quantization']['seconds']:.1f} s)")
     return result

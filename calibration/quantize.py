@@ -51,8 +51,10 @@ Relu, so the TensorRT form keeps every Relu in float between a DequantizeLinear 
 QuantizeLinear (49 at r50: with their Q/DQ, 0.47 s of a 1.07 s INT8 backbone); with uint8 and zero
 point 0 the quantizer folds each Relu into the QuantizeLinear before it, a default session fuses
 all 61 convs into QLinearConv (no dedicated pairs needed) and the backbone takes 0.59 s, 3.4x FP32.
-TensorRT takes only the symmetric form (zero point 0, int8), so both are written; the runtime
-picks the CPU form on ONNX Runtime's CPU provider.
+TensorRT takes only the symmetric form (zero point 0, int8), so both are written, from one pass
+of the recorded inputs (the ranges go into a calibration cache that the second form reads); the
+runtime picks the CPU form on ONNX Runtime's CPU provider. `check_qdq` checks the CPU form's
+scales, not its zero points.
 """
 
 from __future__ import annotations
@@ -347,24 +349,17 @@ def entropy_cache(src, reader, op_types, cache_path) -> int:
     return len(data.data)
 
 
-def cpu_op_types(op_types):
-    """Op types of a graph's ONNX Runtime CPU form: the TensorRT form's, plus Relu where only some
-    are listed: with asymmetric uint8 activations the quantizer folds a Relu into the
-    QuantizeLinear in front of it (zero point 0 clips at 0), so no Relu runs in float between a
-    DequantizeLinear and a QuantizeLinear."""
-    return None if op_types is None else tuple(op_types) + ("Relu",)
-
-
 def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), per_channel=True,
                    op_types=DEFAULT_OP_TYPES, dedicated_pairs=False, cpu_dst=None) -> dict:
     """One FP32 graph -> its Q/DQ model at `dst` (TensorRT's form: symmetric int8), and with
     `cpu_dst` also ONNX Runtime's CPU form there (asymmetric uint8 activations, module docstring),
-    both from the same recorded inputs; op_types None quantizes every op type ONNX Runtime can.
-    Returns {"nodes", "qdq": Counter, ..., "cpu_form": {"nodes", "qdq"}}."""
-    cache = {}
+    same op types; op_types None quantizes every op type ONNX Runtime can. The recorded inputs
+    run through the graph once: the ranges are saved as a calibration cache that the second form
+    reads (they do not depend on the form). Returns {"nodes", "qdq": Counter, ..., "cpu_form":
+    {"nodes", "qdq"}}."""
+    cache = {"calibration_cache_path": dst + ".ranges.json"}
     entropy_tensors = 0
-    if method == "entropy":  # one KL search serves both forms
-        cache["calibration_cache_path"] = dst + ".entropy.json"
+    if method == "entropy":  # its own KL search (quantize_static's has one bin count)
         entropy_tensors = entropy_cache(src, reader, None if op_types is None else list(op_types),
                                         cache["calibration_cache_path"])
     try:
@@ -372,9 +367,8 @@ def quantize_graph(src, dst, reader, method=DEFAULT_METHOD, excluded=(), per_cha
                               symmetric_int8=True, dedicated_pairs=dedicated_pairs)
         info["entropy_tensors"] = entropy_tensors
         if cpu_dst:
-            reader.rewind()
-            cpu = _quantize_form(src, cpu_dst, reader, method, excluded, per_channel, cpu_op_types(op_types),
-                                 cache, symmetric_int8=False, dedicated_pairs=False)
+            cpu = _quantize_form(src, cpu_dst, None, method, excluded, per_channel, op_types, cache,
+                                 symmetric_int8=False, dedicated_pairs=False)
             info["cpu_form"] = {"nodes": cpu["nodes"], "qdq": cpu["qdq"]}
     finally:
         for leftover in cache.values():
@@ -413,10 +407,10 @@ def _quantize_form(src, dst, reader, method, excluded, per_channel, op_types, ca
     outputs = float_graph_outputs(model)
     rewired = float_inputs_for(model, set(excluded))
     _prune_unused(model)
-    if symmetric_int8:  # what TensorRT takes; the CPU form is for ONNX Runtime only
-        problems = check_qdq(model, set(excluded))
-        if problems:
-            raise RuntimeError(f"{os.path.basename(dst)}: " + "; ".join(problems[:5]))
+    # the CPU form is for ONNX Runtime only: its activations are uint8 with any zero point
+    problems = check_qdq(model, set(excluded), tensorrt=symmetric_int8)
+    if problems:
+        raise RuntimeError(f"{os.path.basename(dst)}: " + "; ".join(problems[:5]))
     onnx.checker.check_model(model)
     onnx.save(model, dst)
     return {"nodes": len(model.graph.node), "rewired_inputs": rewired, "float_outputs": outputs,
@@ -528,9 +522,9 @@ def qdq_parameters(model) -> list:
     return out
 
 
-def check_qdq(model, excluded=frozenset()) -> list:
-    """Problems of a Q/DQ model for TensorRT (empty: fine): zero points 0 and INT8, scales
-    constant, positive, finite; no excluded node reading a dequantized value."""
+def check_qdq(model, excluded=frozenset(), tensorrt=True) -> list:
+    """Problems of a Q/DQ model (empty: fine): scales constant, positive, finite; zero points
+    constant, and for TensorRT 0 and INT8; no excluded node reading a dequantized value."""
     problems = []
     for node, scale, zp in qdq_parameters(model):
         where = f"{node.op_type} {_node_name(node)}"
@@ -540,7 +534,7 @@ def check_qdq(model, excluded=frozenset()) -> list:
             problems.append(f"{where}: scale not positive and finite")
         if isinstance(zp, str):
             problems.append(f"{where}: zero point is not a constant")
-        elif zp is not None:
+        elif zp is not None and tensorrt:
             if zp.dtype != np.int8:
                 problems.append(f"{where}: zero point of type {zp.dtype} (TensorRT: int8)")
             if np.any(zp != 0):

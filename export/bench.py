@@ -282,6 +282,9 @@ def prepare_model(args, log):
     """(checkpoint path, MODEL_DIR, source description) from the arguments."""
     from efficientvis.runtime.manifest import sha256_of
 
+    if args.model and args.roi_align != "roialign":
+        raise UserError("--roi-align sets the form of the export evis bench makes; --model MODEL_DIR is "
+                        "exported already (evis export --roi-align)")
     cache = _writable_cache(args.cache_dir or default_cache_dir())
     if args.random_weights:
         from efficientvis.training.config import load_config
@@ -503,9 +506,10 @@ def add_arguments(p):
     p.add_argument("--config", help="config name or YAML for --random-weights (e.g. r50_ytvis19)")
     p.add_argument("--random-weights", action="store_true",
                    help="benchmark the config's model with random weights (no checkpoint needed)")
-    p.add_argument("--roi-align", default="roialign", choices=["roialign", "gridsample", "grouped"],
-                   help="RoIAlign form of the export made here (evis export --roi-align; grouped is "
-                        "the fastest on ONNX Runtime, not for TensorRT; default roialign)")
+    p.add_argument("--roi-align", default="roialign", metavar="FORM",
+                   help="RoIAlign form of the export made here: roialign, gridsample or grouped (evis "
+                        "export --roi-align; grouped is the fastest on ONNX Runtime, not for TensorRT; "
+                        "default roialign)")
     p.add_argument("--cache-dir", help=f"random-weight models and exports (default {default_cache_dir()})")
     p.add_argument("--size", help="model input HxW (default: the model's test size at 16:9, e.g. 360x640)")
     p.add_argument("--source-size", help="source frames HxW (default: twice --size per side)")

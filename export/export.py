@@ -596,11 +596,10 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     import onnx
     import torch
 
-    from efficientvis.training import roi_align
     from efficientvis.training.infer import inference_clip_length, load_model
 
-    if roi_form not in roi_align.MODES:
-        raise UserError(f"--roi-align must be one of {', '.join(roi_align.MODES)}, got {roi_form!r}")
+    if roi_form not in ROI_FORMS:
+        raise UserError(f"--roi-align must be one of {', '.join(ROI_FORMS)}, got {roi_form!r}")
     if opset == 16:
         raise UserError("--opset 16 is not possible: the model's LayerNormalization needs opset 17 "
                         "(RoiAlign's half_pixel mode needs >= 16); use 17 (default) .. 20")

@@ -45,6 +45,7 @@ FORMAT_VERSION = 3
 OLDER_FORMATS = {1: "its graphs output mask logits, not mask_probs",
                  2: "its stage graphs include their mask heads, which are graphs of their own now"}
 FILENAME = "manifest.json"
+CPU_FORM_SUFFIX = ".cpu.onnx"  # a QDQ_DIR graph's ONNX Runtime CPU form (calibration/quantize.py)
 
 
 def sha256_of(path: str, chunk: int = 1 << 20) -> str:
@@ -134,7 +135,7 @@ class Manifest:
         out = []
         for graph in self.graphs.values():
             out.append((graph["file"], graph.get("sha256")))
-            if isinstance(graph.get("cpu_form"), dict):  # a QDQ_DIR's ONNX Runtime CPU form
+            if "cpu_form" in graph:  # a QDQ_DIR's ONNX Runtime CPU form
                 out.append((graph["cpu_form"]["file"], graph["cpu_form"].get("sha256")))
             out += [(e["file"], e.get("sha256")) for e in graph.get("external_data", []) or []]
         q = self.data.get("initial_queries")
@@ -197,6 +198,10 @@ def load(model_dir, verify=True) -> Manifest:
         if not isinstance(graphs, dict) or not graphs or \
                 not all(isinstance(g, dict) and g.get("file") for g in graphs.values()):
             raise ValueError("no graphs listed")
+        for g in graphs.values():
+            form = g.get("cpu_form")
+            if form is not None and not (isinstance(form, dict) and form.get("file")):
+                raise ValueError("a graph's cpu_form names no file")
         pre = data["preprocessing"]
         manifest = Manifest(
             model_dir=model_dir, data=data, clip_length=int(data["T"]), num_queries=int(data["N"]),

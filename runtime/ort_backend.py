@@ -129,11 +129,15 @@ class OrtBackend:
         self.float_graphs = {g for g, t in graphs_of.data.get("quantization", {}).get("op_types", {}).items()
                              if t == []}
 
+        available = set(ort.get_available_providers())
+        # a GPU provider this ONNX Runtime lacks runs on CPU (warned below)
+        on_cpu = provider == "cpu" or PROVIDERS[provider] not in available
+
         def entry_of(g):
             """A graph's manifest entry; on the CPU provider a Q/DQ graph's CPU form if it has one
             (uint8 activations: ONNX Runtime's x86 int8 kernels, no float Relu between Q/DQ)."""
             entry = graphs_of.graphs.get(g) or {"file": g + ".onnx"}
-            if provider == "cpu" and int8 and isinstance(entry.get("cpu_form"), dict) and not tensorrt_form:
+            if on_cpu and int8 and "cpu_form" in entry and not tensorrt_form:
                 return entry["cpu_form"]
             return entry
 
@@ -155,7 +159,6 @@ class OrtBackend:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        available = set(ort.get_available_providers())
         self.sessions = {}
         for g in graphs:
             # providers this ONNX Runtime lacks are left out (reported below, without ORT's own

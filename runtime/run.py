@@ -261,10 +261,10 @@ def _graphs_note(backend, manifest):
     """', INT8 (backbone.cpu.onnx), RoIAlign grouped': what an ONNX Runtime backend runs, when it is
     not the default export's FP32 graphs."""
     notes = []
-    precision = getattr(backend, "precision", None)
-    if precision in ("int8", "fp16"):
-        cpu_form = [os.path.basename(f) for f in getattr(backend, "files", {}).values() if f.endswith(".cpu.onnx")]
-        notes.append(precision.upper() + (f" ({', '.join(cpu_form)})" if cpu_form else ""))
+    files = getattr(backend, "files", None)  # OrtBackend's (a TrtBackend names its precision already)
+    if files is not None and backend.precision != "fp32":
+        cpu_form = [os.path.basename(f) for f in files.values() if f.endswith(manifest_lib.CPU_FORM_SUFFIX)]
+        notes.append(backend.precision.upper() + (f" ({', '.join(cpu_form)})" if cpu_form else ""))
     if manifest.data.get("roi_align", "roialign") != "roialign":
         notes.append(f"RoIAlign {manifest.data['roi_align']}")
     return "".join(", " + n for n in notes)

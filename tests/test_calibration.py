@@ -171,7 +171,7 @@ def test_backbone_cpu_form_runs_every_conv_in_int8_without_float_relus(exported,
     entry = m.graphs["backbone"]["cpu_form"]
     assert entry["file"] == "backbone.cpu.onnx" and "onnxruntime_disabled_optimizers" not in entry
     assert not any("cpu_form" in m.graphs[g] for g in GRAPHS[1:])
-    assert m.data["quantization"]["cpu_form"]["op_types"] == {"backbone": "all"}
+    assert m.data["quantization"]["cpu_form"]["graphs"] == ["backbone"]
     path = os.path.join(calibrated["dir"], entry["file"])
     model = onnx.load(path)
     zps = {zp.dtype for _, _, zp in Q.qdq_parameters(model) if zp is not None}
@@ -188,6 +188,8 @@ def test_backbone_cpu_form_runs_every_conv_in_int8_without_float_relus(exported,
     trt_form = OrtBackend(calibrated["dir"], threads=1, tensorrt_form=True)
     assert cpu.files["backbone"] == path and trt_form.files["backbone"].endswith(os.sep + "backbone.onnx")
     assert cpu.files["mask_0"] == trt_form.files["mask_0"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():  # falls back to CPU: the CPU form
+        assert OrtBackend(calibrated["dir"], provider="cuda", threads=1).files["backbone"] == path
 
     broken = tmp_path / "broken"
     import shutil
@@ -249,9 +251,17 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
     Runtime's basic optimizer leaves the FP32 graph, computes what the FP32 stage computes, and has
     no TensorRT calibration cache."""
     out = str(tmp_path / "default")
+    os.makedirs(out)
+    for name in ("mask_0.cpu.onnx", "notes.txt"):  # an earlier calibration's file, and the user's
+        open(os.path.join(out, name), "w").close()
     lines = []
     result = calibrate(exported["model_dir"], out, data=exported["data"], clips=2, clips_per_video=2,
-                       threads=1, log=lines.append)
+                       threads=1, log=lines.append, evaluate_split=os.path.join(exported["data"], "valid"))
+    assert not os.path.exists(os.path.join(out, "mask_0.cpu.onnx")) and os.path.exists(os.path.join(out, "notes.txt"))
+    evaluation = result["quantization"]["evaluation"]
+    for key in ("fp32", "int8", "int8_tensorrt_form"):
+        assert 0 <= evaluation[key]["AP"] <= 1 and evaluation[key]["videos"] == 1
+    assert evaluation["delta_AP_tensorrt_form"] == round(evaluation["int8_tensorrt_form"]["AP"] - evaluation["fp32"]["AP"], 4)
     q = result["quantization"]
     assert not q["quantize_stages"]
     assert q["op_types"]["backbone"] == "all" and q["op_types"]["mask_1"] == list(Q.DEFAULT_OP_TYPES)
@@ -293,9 +303,11 @@ def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path)
     out = str(tmp_path / "grouped_int8")
     lines = []
     result = calibrate(model_dir, out, data=exported["data"], clips=2, clips_per_video=2, threads=1,
-                       log=lines.append)
+                       log=lines.append, evaluate_split=os.path.join(exported["data"], "valid"))
     assert result["roi_align"] == "grouped"
-    assert result["quantization"]["tensorrt_check"] == "not applicable (--roi-align grouped)"
+    q = result["quantization"]
+    assert q["tensorrt_check"] == "not applicable (--roi-align grouped)" and q["tensorrt_calibration_caches"] == {}
+    assert set(q["evaluation"]) == {"split", "fp32", "int8", "delta_AP"}  # no TensorRT form to measure
     assert not any("TensorRT check OK" in line for line in lines)
     assert any("NonZero" in p for p in trt_check.check_model_dir(out))
     fp32, int8 = OrtBackend(model_dir, threads=1), OrtBackend(out, threads=1)
@@ -456,11 +468,17 @@ def test_entropy_calibration_clips_a_long_tail_that_minmax_keeps(tmp_path):
 
     scales = {}
     for method in ("minmax", "entropy"):
-        dst = str(tmp_path / f"{method}.onnx")
-        info = Q.quantize_graph(src, dst, Reader(), method=method)
-        model = onnx.load(dst)
+        dst, cpu_dst = str(tmp_path / f"{method}.onnx"), str(tmp_path / f"{method}.cpu.onnx")
+        info = Q.quantize_graph(src, dst, Reader(), method=method, cpu_dst=cpu_dst)
+        model, cpu = onnx.load(dst), onnx.load(cpu_dst)
         scales[method] = Q.activation_scales(model)
-        assert not Q.check_qdq(model)
-        assert (info["entropy_tensors"] > 0) == (method == "entropy")
+        assert not Q.check_qdq(model) and not Q.check_qdq(cpu, tensorrt=False)
+        assert (info["entropy_tensors"] > 0) == (method == "entropy") and info["cpu_form"]["qdq"]
+        # the CPU form from the same ranges: uint8 over [min, max] instead of int8 over +-max|x|
+        (x_scale, x_zp), = [(s_, zp) for n, s_, zp in Q.qdq_parameters(cpu)
+                            if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+        assert x_zp.dtype == np.uint8 and x_scale.item() < scales[method]["x"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["matmul.onnx", "minmax.onnx", "minmax.cpu.onnx", "entropy.onnx",
+                                                   "entropy.cpu.onnx"])  # no cache or temporary file left
     assert scales["minmax"]["x"] == pytest.approx(60.0 / 127, rel=1e-5)  # symmetric, the largest |x|
     assert 3.0 / 127 < scales["entropy"]["x"] < 30.0 / 127  # inside the tail, not at the outlier

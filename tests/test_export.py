@@ -341,6 +341,25 @@ def test_manifest_load_verifies_every_file(exported, tmp_path):
             json.dump(data, f)
         with pytest.raises(UserError, match=message):
             manifest_lib.load(copy, verify=False)
+    data = json.load(open(os.path.join(exported[0], "manifest.json")))
+    data["graphs"]["backbone"]["cpu_form"] = {"sha256": "0" * 64}  # a hand-edited entry
+    with open(os.path.join(copy, "manifest.json"), "w") as f:
+        json.dump(data, f)
+    with pytest.raises(UserError, match="incomplete manifest .*cpu_form names no file"):
+        manifest_lib.load(copy, verify=False)
+
+
+def test_roi_align_forms_agree(capsys):
+    """The export's --roi-align forms are the RoIAlign module's modes; a wrong one is one line."""
+    from efficientvis.training import roi_align
+
+    assert list(E.ROI_FORMS) == list(roi_align.MODES)
+    with pytest.raises(UserError, match="--roi-align must be one of roialign, gridsample, grouped"):
+        E.export_model("unused.pt", "unused", roi_form="canvas")
+    capsys.readouterr()
+    assert evis(["bench", "--model", "some_dir", "--checkpoint", "x.pt", "--roi-align", "grouped"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--roi-align sets the form of the export evis bench makes" in err[0], err
 
 
 def test_manifest_module_imports_neither_torch_nor_onnx():

@@ -405,6 +405,21 @@ def _instance(track_id, h=40, w=60):
     return Instance(track_id, probs, np.array([10, 5, 30, 20], np.float32), mask)
 
 
+def test_first_line_names_what_an_onnx_runtime_backend_runs():
+    """evis run's first line adds the precision and the Q/DQ CPU form for ONNX Runtime, and a
+    RoIAlign form other than the default; a TensorRT backend names its precision itself."""
+    from types import SimpleNamespace
+
+    from efficientvis.runtime.run import _graphs_note
+
+    static, grouped = SimpleNamespace(data={"roi_align": "roialign"}), SimpleNamespace(data={"roi_align": "grouped"})
+    ort_fp32 = SimpleNamespace(precision="fp32", files={"backbone": "m/backbone.onnx"})
+    ort_int8 = SimpleNamespace(precision="int8", files={"backbone": "q/backbone.cpu.onnx", "mask_0": "q/mask_0.onnx"})
+    trt = SimpleNamespace(precision="fp16")  # TrtBackend: "TensorRT fp16" is its provider label
+    assert _graphs_note(ort_fp32, static) == "" and _graphs_note(trt, static) == ""
+    assert _graphs_note(ort_int8, grouped) == ", INT8 (backbone.cpu.onnx), RoIAlign grouped"
+
+
 def test_track_colours_are_stable_and_distinct():
     colours = [outputs_mod.track_colour(i) for i in range(1, 13)]
     assert colours == [outputs_mod.track_colour(i) for i in range(1, 13)]

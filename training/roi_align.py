@@ -390,9 +390,9 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, output_size:
 
 def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio):
     """Eager (training/PyTorch inference) and "grouped" export form of multilevel_roi_align: each
-    RoI is pooled on its own level only (4x less work). Same numbers as the static form. No branch
-    on a level's RoI count (a data-dependent guard would stop the export): a level without RoIs
-    pools none."""
+    RoI is pooled on its own level only (4x less work). Same numbers as the static form. While
+    exporting there is no branch on a level's RoI count (a data-dependent guard would stop the
+    export): a level without RoIs pools none."""
     oh, ow = _pair(output_size)
     B, R = boxes.shape[:2]
     flat_boxes = boxes.reshape(-1, 4)
@@ -401,6 +401,8 @@ def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ra
     out = features[0].new_zeros(B * R, features[0].shape[1], oh, ow)
     for i, (feat, stride) in enumerate(zip(features, strides)):
         idx = torch.nonzero(flat_levels == i).flatten()
+        if not torch.compiler.is_compiling() and not idx.numel():
+            continue  # eager: no op (and no zero gradient of the whole level) for an empty level
         pooled = roi_align_flat(feat, flat_boxes[idx], batch[idx], (oh, ow), 1.0 / stride, sampling_ratio)
         out = out.index_copy(0, idx, pooled)
     return out.reshape(B, R, out.shape[1], oh, ow)
