@@ -116,7 +116,7 @@ def _calibrate(model_dir, out_dir, work, manifest, source, graphs, method, clips
     models = {g: onnx.load(prepared[g], load_external_data=False) for g in graphs}
     Q.check_extra_exclusions(list(models.values()), exclude)
     kept_fp32 = {g for g in graphs if op_types[g] == ()}
-    for_onnxruntime_only = manifest.data.get("roi_align") == "grouped"
+    for_onnxruntime_only = manifest.onnxruntime_only
     exclusions = {g: {} if g in kept_fp32 else Q.select_exclusions(models[g], extra=exclude, quantize_all=quantize_all)
                   for g in graphs}
     del models

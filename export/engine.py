@@ -181,7 +181,7 @@ def build_engines(model_dir, out_dir, precision="fp16", qdq_dir=None, workspace_
                   verbose=False, log=print, trt=None) -> dict:
     """Build ENGINE_DIR; returns {graph: metadata}."""
     manifest = manifest_lib.load(model_dir)
-    if manifest.data.get("roi_align") == "grouped":
+    if manifest.onnxruntime_only:
         raise UserError(f"{model_dir}: exported with --roi-align grouped (data-dependent shapes, ONNX "
                         f"Runtime only); export again with --roi-align roialign or gridsample for TensorRT")
     qdq = None

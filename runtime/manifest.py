@@ -116,6 +116,11 @@ class Manifest:
                            background_threshold=float(self.infer.get("background_threshold", 0.2)),
                            reset_after=int(self.infer.get("reset_after", 3)))
 
+    @property
+    def onnxruntime_only(self) -> bool:
+        """Exported with --roi-align grouped (NonZero: data-dependent shapes): no TensorRT."""
+        return self.data.get("roi_align") == "grouped"
+
     def graph(self, name: str) -> dict:
         """The entry of graph `name` ("backbone", "stage_k", "mask_k", "model") with `path` added."""
         if name not in self.graphs:

@@ -324,6 +324,12 @@ def _roi_align_gridsample(features: Tensor, boxes: Tensor, oh: int, ow: int, spa
     return pooled.reshape(B, C, R, oh, ow).permute(0, 2, 1, 3, 4)
 
 
+def _frame_indices(B: int, R: int, device) -> Tensor:
+    """(B*R,) frame index of each of R boxes per frame (expand, not repeat_interleave: the latter
+    exported with a fixed R)."""
+    return torch.arange(B, device=device).view(B, 1).expand(B, R).reshape(-1)
+
+
 def roi_align(features: Tensor, boxes: Tensor, output_size: int | Sequence[int],
               spatial_scale: float, sampling_ratio: int = 2, mode: str | None = None) -> Tensor:
     """Per-frame batched RoIAlignV2.
@@ -337,7 +343,7 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: int | Sequence[int],
     if mode == "gridsample":
         return _roi_align_gridsample(features, boxes, oh, ow, float(spatial_scale), sampling_ratio)
     B, R = boxes.shape[:2]
-    batch_indices = torch.arange(B, device=boxes.device).view(B, 1).expand(B, R).reshape(-1)
+    batch_indices = _frame_indices(B, R, boxes.device)
     out = roi_align_flat(features, boxes.reshape(-1, 4), batch_indices, (oh, ow), spatial_scale,
                          sampling_ratio)  # (B*R, C, oh, ow)
     return out.reshape(B, R, out.shape[1], oh, ow)
@@ -396,7 +402,7 @@ def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ra
     oh, ow = _pair(output_size)
     B, R = boxes.shape[:2]
     flat_boxes = boxes.reshape(-1, 4)
-    batch = torch.arange(B, device=boxes.device).view(B, 1).expand(B, R).reshape(-1)
+    batch = _frame_indices(B, R, boxes.device)
     flat_levels = levels.reshape(-1)
     out = features[0].new_zeros(B * R, features[0].shape[1], oh, ow)
     for i, (feat, stride) in enumerate(zip(features, strides)):
