@@ -5,7 +5,7 @@ machine, on the same model and the same input, side by side.
     evis bench --config r50_ytvis19 --random-weights
                [--size 360x640] [--clip 9] [--stages K] [--threads N] [--warmup 2] [--iters 10]
                [--sweep-T 1,3,6,9] [--sweep-size 240x426,360x640] [--channels-last]
-               [--backends pytorch,ort-fp32,...] [--json out.json] [--plot out.png]
+               [--backends pytorch,ort-fp32,...] [--sequential] [--json out.json] [--plot out.png]
 
 Model: a checkpoint (its export is `--model`, or made once into the cache folder, keyed by the
 checkpoint's sha256), or `--random-weights --config NAME`: the config's model with random weights
@@ -36,8 +36,14 @@ PyTorch runs the very modules the ONNX graphs were exported from (export/graphs.
 carried from one iteration to the next. A cached export (checkpoint without --model, random
 weights) has the fused model.onnx too: the split graphs joined in one graph, with what the outputs
 do not need pruned (the class heads of stages 0..M-2): the same work as the split graphs, in one call.
+Order: every backend is loaded and warmed up first, then timed one clip each in turn (round robin,
+--iters rounds), so that a machine whose speed drifts during the run (a shared VM, another
+process, thermal limits) slows every backend alike: the ratios are what a noisy machine can still
+measure. `--sequential` times each backend alone instead and frees it before the next.
 Statistics per part: mean, p50, p90, p99, min (ms per clip); per frame = per clip / T; FPS model-only
-(T / model) and end to end (T / clip). Peak memory: the process's peak RSS (VmHWM, reset through
+(T / model) and end to end (T / clip). Memory, round robin: the RSS each backend added while it was
+loaded and warmed up (rss_increase_mb; peak_rss_mb null) and the process's peak with all loaded
+(process_peak_rss_mb). `--sequential`: the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs before each backend is created) while that backend is created and run, and its
 increase over the RSS before (other backends are freed first; without clear_refs: ru_maxrss).
 
@@ -54,12 +60,12 @@ head), since a stage's time does not depend on how many follow it.
 JSON (format_version 1): {command, format_version, created, package_version, machine {platform,
 cpu_count, threads, python, torch, onnxruntime, tensorrt, load_average, nice, matmul_gflops},
 model {source, checkpoint, config, model_dir, qdq_dir, engine_dirs, roi_align, backbone, N, C, M, K}, settings {size [H, W],
-source_size, clip, stages, warmup, iters, threads}, flops {method, per_clip, gflops_per_clip,
+source_size, clip, stages, warmup, iters, threads, order, peak_rss}, flops {method, per_clip, gflops_per_clip,
 gflops_per_frame, graphs, torch_flop_counter, per_clip_fused}, backends [{name, runtime, precision,
 provider, threads, status (ok | skipped | error), reason, graph_files {graph: file run}, latency_ms {part: {mean, p50, p90, p99,
 min}}, per_frame_ms {model, clip}, fps {model, end_to_end}, gflops_per_clip, gflops_per_s,
 matmul_rate_share, load_average {before, after}, peak_rss_mb,
-rss_increase_mb, speedup_vs_pytorch {model, end_to_end}, instances_per_clip, stages_sweep
+rss_increase_mb, process_peak_rss_mb, speedup_vs_pytorch {model, end_to_end}, instances_per_clip, stages_sweep
 [{stages, model_ms, fps}]}], sweeps {T: [...], size: [...]} (rows {backend, T, H, W, model_ms,
 clip_ms, fps_model, fps_end_to_end, gflops_per_clip, gflops_per_s}), ratios {name: value}, targets
 [{name, target, measured, met}], plot, seconds}.
@@ -429,32 +435,52 @@ def summarize(values) -> dict:
             "p99": float(np.percentile(ms, 99)), "min": float(ms.min())}
 
 
-def measure(runner, clip_bgr, size, max_size, stages, warmup, iters, num_queries, options=None):
-    """Run warm-up + iters clips; {part: [seconds]} of the counted ones, model input (H, W),
-    instances per clip."""
-    from efficientvis.runtime.preprocess import preprocess_frames
-    from efficientvis.runtime.tracker import SlotTracker
+class ClipTimer:
+    """One backend's clips, timed part by part: `warmup` clips first (not counted), then counted
+    ones, one clip per step(). `evis bench` steps every backend in turn (round robin), so that a
+    machine whose speed drifts (a shared VM, thermal limits) slows every backend alike and the
+    ratios stay meaningful."""
 
-    runner.start()
-    tracker = SlotTracker(num_queries, *(options or (0.2, 3)))
-    records, instances, input_hw = {}, [], None
-    source_hw = clip_bgr[0].shape[:2]
-    for i in range(warmup + iters):
+    def __init__(self, runner, clip_bgr, size, max_size, stages, warmup, num_queries, options=None):
+        from efficientvis.runtime.tracker import SlotTracker
+
+        runner.start()
+        self.runner, self.clip_bgr, self.size, self.max_size = runner, clip_bgr, size, max_size
+        self.stages, self.warmup, self.done = stages, warmup, 0
+        self.tracker = SlotTracker(num_queries, *(options or (0.2, 3)))
+        self.records, self.instances, self.input_hw = {}, [], None
+        self.source_hw = clip_bgr[0].shape[:2]
+
+    def step(self):
+        from efficientvis.runtime.preprocess import preprocess_frames
+
         t0 = time.perf_counter()
-        inputs = preprocess_frames(clip_bgr, size, max_size)
+        inputs = preprocess_frames(self.clip_bgr, self.size, self.max_size)
         t1 = time.perf_counter()
-        out, parts = runner.run(inputs, stages)
+        out, parts = self.runner.run(inputs, self.stages)
         t2 = time.perf_counter()
-        n = postprocess(out, inputs.shape[-2:], source_hw, tracker)
+        n = postprocess(out, inputs.shape[-2:], self.source_hw, self.tracker)
         t3 = time.perf_counter()
-        input_hw = tuple(int(v) for v in inputs.shape[-2:])
-        if i < warmup:
-            continue
+        self.input_hw = tuple(int(v) for v in inputs.shape[-2:])
+        self.done += 1
+        if self.done <= self.warmup:
+            return
         row = {"preprocess": t1 - t0, **parts, "postprocess": t3 - t2, "model": t2 - t1, "clip": t3 - t0}
         for k, v in row.items():
-            records.setdefault(k, []).append(v)
-        instances.append(n)
-    return records, input_hw, float(np.mean(instances)) if instances else 0.0
+            self.records.setdefault(k, []).append(v)
+        self.instances.append(n)
+
+    def result(self):
+        """{part: [seconds]} of the counted clips, model input (H, W), instances per clip."""
+        return self.records, self.input_hw, float(np.mean(self.instances)) if self.instances else 0.0
+
+
+def measure(runner, clip_bgr, size, max_size, stages, warmup, iters, num_queries, options=None):
+    """One backend alone: warm-up + iters clips (ClipTimer.result())."""
+    timer = ClipTimer(runner, clip_bgr, size, max_size, stages, warmup, num_queries, options)
+    for _ in range(warmup + iters):
+        timer.step()
+    return timer.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,6 +548,10 @@ def add_arguments(p):
     p.add_argument("--sweep-T", default="", metavar="T1,T2", help="clip lengths to sweep, e.g. 1,3,6,9")
     p.add_argument("--sweep-size", default="", metavar="HxW,...", help="model input sizes to sweep")
     p.add_argument("--sweep-iters", type=int, default=0, help="timed clips per sweep point (default --iters)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each backend alone, one after the other, freeing it before the next (its "
+                        "own peak memory; uses less memory) instead of one clip of each in turn (the "
+                        "default: a machine's drift in speed then hits every backend alike)")
     p.add_argument("--channels-last", action="store_true", help="also PyTorch eager with channels_last")
     p.add_argument("--backends", default="", metavar="A,B",
                    help="only these backends (pytorch, pytorch-channels-last, ort-fp32, ort-int8, ...)")
@@ -535,13 +565,21 @@ def _fmt_ms(v):
     return "-" if v is None else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
 
 
+def _rss(b):
+    """The table's RSS MB: a backend's peak, or (round robin) '+' what loading it added."""
+    if b.get("peak_rss_mb") is not None:
+        return f"{b['peak_rss_mb']:.0f}"
+    return "-" if b.get("rss_increase_mb") is None else f"+{b['rss_increase_mb']:.0f}"
+
+
 def format_table(report) -> str:
     m, s = report["machine"], report["settings"]
     fl = report["flops"]
     lines = [f"evis bench: {report['model']['description']}; input {s['size'][0]}x{s['size'][1]} "
              f"(source {s['source_size'][0]}x{s['source_size'][1]}), T={s['clip']}, {s['stages']}/"
              f"{report['model']['M']} stages, {s['threads']} thread(s), {s['warmup']} warm-up + "
-             f"{s['iters']} timed clips",
+             f"{s['iters']} timed clips" + (", one clip of each backend in turn" if
+                                            s.get("order") == "round-robin" else ", backends one after the other"),
              f"machine: {m['processor']}, {m['cpu_count']} CPUs, load average {m['load_average']}, "
              f"nice {m['nice']}; float32 matmul {m['matmul_gflops']['value']:.1f} GFLOP/s; "
              f"{fl['gflops_per_clip']:.2f} GFLOPs/clip ({fl['method_short']})"]
@@ -557,9 +595,10 @@ def format_table(report) -> str:
         lines.append(f"{b['name']:<22} {b['provider'][:22]:<22} {_fmt_ms(lat['mean']):>9} {_fmt_ms(lat['p50']):>9} "
                      f"{_fmt_ms(lat['p90']):>9} {_fmt_ms(lat['p99']):>9} {_fmt_ms(b['per_frame_ms']['model']):>9} "
                      f"{b['fps']['model']:>7.2f} {b['fps']['end_to_end']:>8.2f} {b['gflops_per_s']:>8.1f} "
-                     f"{(b['peak_rss_mb'] or 0):>7.0f} {('%.2f' % sp) if sp else '-':>9}")
+                     f"{_rss(b):>7} {('%.2f' % sp) if sp else '-':>9}")
     lines.append("(clip ms, p50/p90/p99, ms/frame, FPS: model only = backbone + stages; FPS e2e adds "
-                 "preprocess + postprocess)")
+                 "preprocess + postprocess; RSS MB: " + ("+ what loading and warming up the backend added" if
+                                                        s.get("order") == "round-robin" else "peak") + ")")
     parts = [p for p in report["parts"] if p not in ("model", "clip")]
     lines.append("")
     lines.append("latency per part, mean ms per clip: " + ", ".join(parts))
@@ -766,36 +805,11 @@ def run(args) -> int:
     main_flops = flops_at(clip, in_h, in_w)
     specs = _make_specs(args, model, model_dir, manifest, threads)
     options = (float(manifest.infer.get("background_threshold", 0.2)), int(manifest.infer.get("reset_after", 3)))
-    has_clear_refs = reset_peak_rss()
-    backends, sweeps, all_parts = [], {"T": [], "size": []}, []
-    for name, runtime, precision, provider, make, skip in specs:
-        entry = {"name": name, "runtime": runtime, "precision": precision, "provider": provider,
-                 "threads": threads, "status": "skipped" if skip else "ok", "reason": skip}
-        backends.append(entry)
-        if skip:
-            continue
-        if name.endswith("-fused") and stages != M:
-            entry["status"], entry["reason"] = "skipped", f"model.onnx always runs all {M} stages (--stages {stages})"
-            continue
-        log(f"evis bench: {name} ...")
-        gc.collect()
-        load_before = _load()
-        rss0 = rss_mb()
-        reset_peak_rss()
-        try:
-            runner = make()
-            entry["provider"] = _provider_label(runner, provider)
-            files = getattr(getattr(runner, "backend", None), "files", None)
-            if files:  # which file each session runs (a QDQ_DIR's CPU form, the fused graph, ...)
-                entry["graph_files"] = {g: os.path.basename(f) for g, f in files.items()}
-            records, input_hw, inst = measure(runner, clip_bgr, short, long_side, stages, args.warmup,
-                                              args.iters, manifest.num_queries, options)
-        except UserError as e:
-            entry["status"], entry["reason"] = "error", str(e)
-            continue
-        entry["load_average"] = {"before": load_before, "after": _load()}
-        entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        entry["rss_increase_mb"] = round(entry["peak_rss_mb"] - rss0, 1) if rss0 is not None else None
+    def _finish_entry(entry, runner, timer):
+        """A measured backend's statistics, work and stage sweep; then its --sweep-T/--sweep-size
+        points (each backend alone)."""
+        records, input_hw, inst = timer.result()
+        entry["load_average"]["after"] = _load()
         entry["input_size"] = list(input_hw)
         entry["latency_ms"] = {k: summarize(v) for k, v in records.items()}
         for k in records:
@@ -817,6 +831,7 @@ def run(args) -> int:
                 cum += lat[f"stage_{k}"]["mean"]
                 rows.append({"stages": k + 1, "model_ms": cum, "fps": 1000 * clip / cum})
             entry["stages_sweep"] = rows
+        name = entry["name"]
         for T in sweep_T:
             frames_T, s_, l_ = clip_at(T, (H, W))
             rec, hw, _ = measure(runner, frames_T, s_, l_, stages, args.warmup, sweep_iters,
@@ -827,8 +842,62 @@ def run(args) -> int:
             rec, hw, _ = measure(runner, frames_s, s_, l_, stages, args.warmup, sweep_iters,
                                  manifest.num_queries, options)
             sweeps["size"].append(_sweep_row(name, clip, hw, rec, flops_at(clip, *hw, fused)))
-        del runner
+
+    has_clear_refs = reset_peak_rss()
+    round_robin = not args.sequential
+    backends, sweeps, all_parts, loaded = [], {"T": [], "size": []}, [], []
+    for name, runtime, precision, provider, make, skip in specs:
+        entry = {"name": name, "runtime": runtime, "precision": precision, "provider": provider,
+                 "threads": threads, "status": "skipped" if skip else "ok", "reason": skip}
+        backends.append(entry)
+        if skip:
+            continue
+        if name.endswith("-fused") and stages != M:
+            entry["status"], entry["reason"] = "skipped", f"model.onnx always runs all {M} stages (--stages {stages})"
+            continue
+        log(f"evis bench: {name} ..." if not round_robin else f"evis bench: loading and warming up {name} ...")
         gc.collect()
+        entry["load_average"] = {"before": _load()}
+        rss0 = rss_mb()
+        reset_peak_rss()
+        try:
+            runner = make()
+            entry["provider"] = _provider_label(runner, provider)
+            files = getattr(getattr(runner, "backend", None), "files", None)
+            if files:  # which file each session runs (a QDQ_DIR's CPU form, the fused graph, ...)
+                entry["graph_files"] = {g: os.path.basename(f) for g, f in files.items()}
+            timer = ClipTimer(runner, clip_bgr, short, long_side, stages, args.warmup,
+                              manifest.num_queries, options)
+            for _ in range(args.warmup + (0 if round_robin else args.iters)):
+                timer.step()
+        except UserError as e:
+            entry["status"], entry["reason"] = "error", str(e)
+            continue
+        if round_robin:  # its memory: what loading and warming it up added (all stay loaded)
+            entry["peak_rss_mb"] = None
+            entry["rss_increase_mb"] = round(rss_mb() - rss0, 1) if rss0 is not None else None
+            loaded.append((entry, runner, timer))
+            continue
+        entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        entry["rss_increase_mb"] = round(entry["peak_rss_mb"] - rss0, 1) if rss0 is not None else None
+        _finish_entry(entry, runner, timer)
+        del runner, timer
+        gc.collect()
+    if loaded:
+        log(f"evis bench: {', '.join(e['name'] for e, _, _ in loaded)}, one clip each in turn "
+            f"({args.iters} timed rounds) ...")
+        for _ in range(args.iters):
+            for _entry, _runner, timer in loaded:
+                try:
+                    timer.step()
+                except UserError as e:
+                    _entry["status"], _entry["reason"] = "error", str(e)
+            loaded = [x for x in loaded if x[0]["status"] == "ok"]
+        process_peak = round(peak_rss_mb(), 1)
+        for entry, runner, timer in loaded:
+            entry["process_peak_rss_mb"] = process_peak
+            _finish_entry(entry, runner, timer)
+        del loaded
 
     order = ["preprocess", "backbone"] + [f"stage_{k}" for k in range(M)] + \
         ["mask_head", "fused_graph", "backend", "outputs_to_host", "postprocess", "model", "clip"]
@@ -875,8 +944,10 @@ def run(args) -> int:
                   "N": manifest.num_queries, "C": manifest.hidden_dim, "M": M, "K": manifest.num_classes},
         "settings": {"size": [in_h, in_w], "source_size": [src_h, src_w], "clip": clip, "stages": stages,
                      "warmup": args.warmup, "iters": args.iters, "sweep_iters": sweep_iters,
-                     "threads": threads, "peak_rss": "VmHWM reset per backend" if has_clear_refs else
-                     "ru_maxrss (process-wide peak)"},
+                     "threads": threads, "order": "round-robin" if round_robin else "sequential",
+                     "peak_rss": ("RSS added by loading and warming up each backend (all stay loaded: round robin); "
+                                  "per-backend peaks with --sequential") if round_robin else
+                     "VmHWM reset per backend" if has_clear_refs else "ru_maxrss (process-wide peak)"},
         "flops": {"method": main_flops["method"], "method_short": "analytic ONNX count",
                   "per_clip": main_flops["total"], "gflops_per_clip": main_flops["total"] / 1e9,
                   "gflops_per_frame": main_flops["total"] / 1e9 / clip,

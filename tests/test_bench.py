@@ -23,6 +23,7 @@ from test_parity import tiny  # noqa: E402,F401 - the shared tiny export (fixtur
 STAT_KEYS = {"mean", "p50", "p90", "p99", "min"}
 BACKEND_KEYS = {"name", "runtime", "precision", "provider", "threads", "status", "reason", "latency_ms",
                 "per_frame_ms", "fps", "gflops_per_s", "matmul_rate_share", "peak_rss_mb", "rss_increase_mb",
+                "process_peak_rss_mb",
                 "speedup_vs_pytorch", "instances_per_clip", "stages_sweep", "input_size"}
 
 
@@ -30,10 +31,15 @@ def test_bench_json_and_plot(tiny, tmp_path, capsys):
     out, png = str(tmp_path / "bench.json"), str(tmp_path / "bench.png")
     rc = evis(["bench", "--checkpoint", tiny["checkpoint"], "--model", tiny["model_dir"], "--threads", "1",
                "--warmup", "1", "--iters", "2", "--sweep-T", "1,4", "--json", out, "--plot", png])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert rc == 0, printed
     with open(out) as f:
         r = json.load(f)
+    # round robin (the default): both loaded first, then one clip of each in turn
+    assert r["settings"]["order"] == "round-robin" and "one clip of each backend in turn" in printed
+    log = captured.err
+    assert log.index("warming up pytorch") < log.index("warming up ort-fp32") < log.index("one clip each in turn")
     assert {"command", "format_version", "created", "machine", "model", "settings", "flops", "parts", "backends",
             "sweeps", "ratios", "targets", "plot", "seconds"} <= set(r)
     assert r["machine"]["threads"] == 1 and r["machine"]["matmul_gflops"]["value"] > 0
@@ -49,7 +55,8 @@ def test_bench_json_and_plot(tiny, tmp_path, capsys):
         assert lat["clip"]["mean"] >= lat["model"]["mean"] >= lat["backbone"]["mean"]
         assert b["fps"]["model"] == pytest.approx(4000 / lat["model"]["mean"])
         assert b["per_frame_ms"]["clip"] == pytest.approx(lat["clip"]["mean"] / 4)
-        assert b["peak_rss_mb"] > 0 and [s["stages"] for s in b["stages_sweep"]] == [1, 2]
+        assert b["peak_rss_mb"] is None and b["rss_increase_mb"] is not None
+        assert b["process_peak_rss_mb"] > 0 and [s["stages"] for s in b["stages_sweep"]] == [1, 2]
         assert b["instances_per_clip"] > 0  # raised class biases: postprocess pastes masks
     assert ok["pytorch"]["speedup_vs_pytorch"]["model"] == pytest.approx(1.0)
     assert ok["ort-fp32"]["provider"] == "CPU"
@@ -93,13 +100,14 @@ def test_random_weights_model_is_cached_by_config(tiny, tmp_path, capsys):
     shutil.copytree(tiny["model_dir"], cache / key / "model")
     out = str(tmp_path / "rw.json")
     rc = evis(["bench", "--config", str(path), "--random-weights", "--cache-dir", str(cache), "--threads", "1",
-               "--backends", "ort-fp32", "--warmup", "0", "--iters", "1", "--json", out])
+               "--backends", "ort-fp32", "--warmup", "0", "--iters", "1", "--sequential", "--json", out])
     captured = capsys.readouterr()
     assert rc == 0 and "using the cached export" in captured.err
     with open(out) as f:
         r = json.load(f)
     assert r["model"]["source"] == "random-weights" and r["model"]["model_dir"] == str(cache / key / "model")
     assert [b["name"] for b in r["backends"]] == ["ort-fp32"]
+    assert r["settings"]["order"] == "sequential" and r["backends"][0]["peak_rss_mb"] > 0
     # bad input is one line and exit 1
     rc = evis(["bench", "--checkpoint", tiny["checkpoint"], "--model", tiny["model_dir"], "--clip", "9"])
     assert rc == 1 and "--clip must be 1..4" in capsys.readouterr().err
