@@ -196,9 +196,10 @@ def _versions():
     import onnx
     import torch
 
+    from efficientvis.export.export import EXPORT_REVISION
     from efficientvis.runtime.manifest import FORMAT_VERSION
     return {"torch": torch.__version__, "onnx": onnx.__version__, "efficientvis": __version__,
-            "manifest_format": FORMAT_VERSION}
+            "manifest_format": FORMAT_VERSION, "export_revision": EXPORT_REVISION}
 
 
 def random_weights_key(cfg, seed=RANDOM_SEED) -> str:
@@ -390,9 +391,8 @@ class OrtRunner:
         self.backend.start_video()
 
     def run(self, frames, stages):
-        b, times = self.backend, {}
-        frames = np.ascontiguousarray(frames, np.uint8)
-        out = b._forward(frames, np.array(frames.shape[-2:], np.float32), stages, times)
+        times = {}
+        out = self.backend.run_clip(frames, None, stages, times)
         return out, times
 
 

@@ -57,6 +57,9 @@ ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSampl
              "grouped": "RoiAlign per FPN level on its own RoIs (ONNX Runtime only)"}
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's dynamo exporter
+# bumped when the same checkpoint exports to different graphs (evis bench's cached exports are
+# keyed by it); 2: model.onnx keeps each graph's own symbolic dims apart
+EXPORT_REVISION = 2
 MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x 1)
 # Larger than this the graph's weights go to a .data file next to it (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1536 << 20
@@ -273,6 +276,12 @@ def _simplify(model, name: str, log):
 # fused graph: backbone + stages joined in ONNX
 # ----------------------------------------------------------------------------------------------
 
+def _interface_dims(model) -> set:
+    """The symbolic dims of a graph's inputs and outputs (T, H4, W4, ...)."""
+    return {d.dim_param for v in list(model.graph.input) + list(model.graph.output)
+            for d in v.type.tensor_type.shape.dim if d.dim_param}
+
+
 def compose_fused(backbone, stages: list, mask_head, inputs: list, outputs: list):
     """model.onnx from the post-processed backbone, stage and last mask-head models (same opset)."""
     import onnx
@@ -321,10 +330,16 @@ def compose_fused(backbone, stages: list, mask_head, inputs: list, outputs: list
             new.CopyFrom(tensor)
             new.name = name(tensor.name)
             graph.initializer.append(new)
+        interface = _interface_dims(part)
         for value in part.graph.value_info:
             new = onnx.ValueInfoProto()
             new.CopyFrom(value)
             new.name = name(value.name)
+            for dim in new.type.tensor_type.shape.dim:
+                # a graph's own symbols (u0: a NonZero's count, unk__N) are its own: shared by two
+                # stages ONNX Runtime takes them for one size and fails to reuse a buffer
+                if dim.dim_param and not set(re.findall(r"[A-Za-z_]\w*", dim.dim_param)) <= interface:
+                    dim.dim_param = prefix + dim.dim_param
             graph.value_info.append(new)
     graph.input.extend(v for v in stages[0].graph.input if v.name in ("init_queries", "image_size"))
     by_name = {v.name: v for v in list(stages[-1].graph.output) + list(mask_head.graph.output)}

@@ -248,7 +248,8 @@ class OrtBackend:
         queries[reset] = self.q_star[reset]
         self.queries = self._to_device(queries) if self.on_device else queries
 
-    def run_clip(self, frames, reset, num_iterations=None):
+    def run_clip(self, frames, reset, num_iterations=None, times=None):
+        """One clip (see _forward; `times`: evis bench's seconds per part)."""
         stages = int(num_iterations or self.num_stages)
         if not 1 <= stages <= self.num_stages:
             raise UserError(f"the model has {self.num_stages} stages; cannot run {stages}")
@@ -262,7 +263,7 @@ class OrtBackend:
         frames = np.ascontiguousarray(frames, np.uint8)
         image_size = np.array(frames.shape[-2:], np.float32)
         try:
-            return self._forward(frames, image_size, stages)
+            return self._forward(frames, image_size, stages, times)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - ORT's InvalidArgument / Fail / RuntimeException

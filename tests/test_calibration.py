@@ -294,6 +294,7 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
 def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path):
     """An `--roi-align grouped` export (NonZero: ONNX Runtime only) calibrates without the
     TensorRT-readiness check, says so in its manifest, and its INT8 clip loop stays close to FP32."""
+    from efficientvis.export.bench import add_fused_graph
     from efficientvis.export.export import export_model
     from efficientvis.runtime.ort_backend import OrtBackend
 
@@ -318,6 +319,17 @@ def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path)
     ref, got = (b.run_clip(frames, np.zeros(4, bool)) for b in (fp32, int8))
     probs = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     assert np.abs(probs(got["class_logits"]) - probs(ref["class_logits"])).max() < 0.2
+    # its graphs joined in one model.onnx (evis export --fused, evis bench's cached export) run:
+    # each graph's own NonZero sizes stay its own
+    add_fused_graph(model_dir, log=lambda m: None)
+    fused = OrtBackend(model_dir, threads=1, fused=True)
+    for b in (fp32, fused):
+        b.start_video()
+    for T in (4, 3):
+        clip = np.random.default_rng(T).integers(0, 256, (T, 3, 64, 112), dtype=np.uint8)
+        ref, got = (b.run_clip(clip, None) for b in (fp32, fused))
+        for key in ref:
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
     # evis run says on its first line what runs
     images = os.path.join(exported["data"], "valid", "JPEGImages")
     video = os.path.join(images, sorted(os.listdir(images))[0])
