@@ -65,9 +65,11 @@ gflops_per_frame, graphs, torch_flop_counter, per_clip_fused}, backends [{name, 
 provider, threads, status (ok | skipped | error), reason, graph_files {graph: file run}, latency_ms {part: {mean, p50, p90, p99,
 min}}, per_frame_ms {model, clip}, fps {model, end_to_end}, gflops_per_clip, gflops_per_s,
 matmul_rate_share, load_average {before, after}, peak_rss_mb,
-rss_increase_mb, process_peak_rss_mb, speedup_vs_pytorch {model, end_to_end}, instances_per_clip, stages_sweep
+rss_increase_mb, process_peak_rss_mb, model_ms_per_clip [ms of each timed clip], speedup_vs_pytorch {model, end_to_end}, instances_per_clip, stages_sweep
 [{stages, model_ms, fps}]}], sweeps {T: [...], size: [...]} (rows {backend, T, H, W, model_ms,
-clip_ms, fps_model, fps_end_to_end, gflops_per_clip, gflops_per_s}), ratios {name: value}, targets
+clip_ms, fps_model, fps_end_to_end, gflops_per_clip, gflops_per_s}), ratios {name: value} (of the
+means), ratios_per_round {name: {median, min, max, values}} (round robin: one ratio per round of
+back-to-back clips), targets
 [{name, target, measured, met}], plot, seconds}.
 """
 
@@ -619,6 +621,10 @@ def format_table(report) -> str:
         lines.append("")
         lines.append("ratios (model-only clip throughput): " +
                      ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+    if report.get("ratios_per_round"):
+        lines.append("ratios per round (the clips of one round run back to back), median (min-max): " +
+                     ", ".join(f"{k} {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f})"
+                               for k, v in report["ratios_per_round"].items()))
     for t in report["targets"]:
         verdict = 'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'
         if not t.get("at_target_size", True):
@@ -812,6 +818,7 @@ def run(args) -> int:
         entry["load_average"]["after"] = _load()
         entry["input_size"] = list(input_hw)
         entry["latency_ms"] = {k: summarize(v) for k, v in records.items()}
+        entry["model_ms_per_clip"] = [round(v * 1000, 3) for v in records["model"]]
         for k in records:
             if k not in all_parts:
                 all_parts.append(k)
@@ -909,13 +916,18 @@ def run(args) -> int:
             b["speedup_vs_pytorch"] = {
                 "model": ref["latency_ms"]["model"]["mean"] / b["latency_ms"]["model"]["mean"],
                 "end_to_end": ref["latency_ms"]["clip"]["mean"] / b["latency_ms"]["clip"]["mean"]}
-    ratios = {}  # every backend against PyTorch eager; the other ONNX Runtime ones also against ORT FP32
+    ratios, ratios_per_round = {}, {}  # every backend against PyTorch eager; other ONNX Runtime ones also against ORT FP32
     for a, b in by_name.items():
         bases = ["pytorch"] + (["ort-fp32"] if b["runtime"] != "pytorch" else [])
         for base in bases:
             if a != base and base in by_name:
                 ratios[f"{a} / {base}"] = (by_name[base]["latency_ms"]["model"]["mean"]
                                            / b["latency_ms"]["model"]["mean"])
+                if round_robin:  # the two clips of one round ran a few seconds apart: paired
+                    per_round = np.asarray(by_name[base]["model_ms_per_clip"]) / np.asarray(b["model_ms_per_clip"])
+                    ratios_per_round[f"{a} / {base}"] = {
+                        "median": float(np.median(per_round)), "min": float(per_round.min()),
+                        "max": float(per_round.max()), "values": [round(float(v), 4) for v in per_round]}
     targets = []
     # the targets are stated for the paper-size model at 360x640, T = 9 (where the ratios mean
     # something); on a smaller model per-call overhead dominates and the ratio says little
@@ -960,6 +972,7 @@ def run(args) -> int:
         "backends": backends,
         "sweeps": sweeps,
         "ratios": ratios,
+        "ratios_per_round": ratios_per_round,
         "targets": targets,
         "plot": None,
     }

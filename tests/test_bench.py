@@ -61,6 +61,11 @@ def test_bench_json_and_plot(tiny, tmp_path, capsys):
     assert ok["pytorch"]["speedup_vs_pytorch"]["model"] == pytest.approx(1.0)
     assert ok["ort-fp32"]["provider"] == "CPU"
     assert "ort-fp32 / pytorch" in r["ratios"]
+    # round robin: one paired ratio per round, from the clips' own times
+    paired = r["ratios_per_round"]["ort-fp32 / pytorch"]
+    pt, ort_ms = (np.array(ok[n]["model_ms_per_clip"]) for n in ("pytorch", "ort-fp32"))
+    assert len(pt) == len(ort_ms) == 2 and np.allclose(paired["values"], pt / ort_ms, rtol=1e-3)
+    assert paired["min"] <= paired["median"] <= paired["max"] and "ratios per round" in printed
     skipped = {b["name"]: b["reason"] for b in r["backends"] if b["status"] == "skipped"}
     assert "ort-int8" in skipped and "--qdq" in skipped["ort-int8"]
     # work: the ONNX count at the benchmark's shapes, cross-checked by FlopCounterMode
