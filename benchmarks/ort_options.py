@@ -6,16 +6,16 @@ alike. Not a test.
     .venv/bin/python benchmarks/ort_options.py --model MODEL_DIR --checkpoint CKPT [--graph backbone]
         [--size 360x640] [--clip 3] [--threads 2] [--rounds 3] [--variants a,b,...] [--json out.json]
 
-Variants (ONNX Runtime: intra_op_num_threads = --threads unless said otherwise):
-  ort              OrtBackend's options for the split graphs (intra = threads, inter = 1, ORT_ENABLE_ALL,
-                   CPU arena on, spinning off)
+Variants (ONNX Runtime: intra_op_num_threads = --threads and spinning off unless said otherwise):
+  ort              OrtBackend's options (intra = threads, inter = 1, ORT_ENABLE_ALL, CPU arena on,
+                   spinning off)
   ort-extended     graph_optimization_level ORT_ENABLE_EXTENDED
   ort-basic        graph_optimization_level ORT_ENABLE_BASIC
   ort-noopt        graph_optimization_level ORT_DISABLE_ALL
   ort-noarena      enable_cpu_mem_arena False
   ort-parallel     execution_mode ORT_PARALLEL, inter_op_num_threads 2
-  ort-spin         session.intra_op.allow_spinning 1 (ONNX Runtime's default; OrtBackend turns it off
-                   when it runs several sessions: one graph alone, as here, hardly shows the cost)
+  ort-spin         session.intra_op.allow_spinning 1 (ONNX Runtime's default; OrtBackend turns it off:
+                   the threads of one session spin on the cores the next one needs)
   ort-1thread      intra_op_num_threads 1
   ort-default-threads  intra_op_num_threads 0 (ORT's own choice)
   torch            PyTorch eager, the graph's module (export/graphs.py), torch.set_num_threads(threads)
@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 ORT_VARIANTS = {
-    "ort": {"spin": "0"},
+    "ort": {},
     "ort-extended": {"level": "ORT_ENABLE_EXTENDED"},
     "ort-basic": {"level": "ORT_ENABLE_BASIC"},
     "ort-noopt": {"level": "ORT_DISABLE_ALL"},
@@ -99,7 +99,7 @@ def main(argv=None):
     runs = {}
     for v in variants:
         if v in ORT_VARIANTS:
-            kw = dict(ORT_VARIANTS[v])
+            kw = {"spin": "0", **ORT_VARIANTS[v]}  # OrtBackend's, unless the variant says otherwise
             threads = kw.pop("threads", args.threads)
             s = ort_session(path, threads, **kw)
             names = {i.name for i in s.get_inputs()}

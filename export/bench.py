@@ -37,15 +37,19 @@ carried from one iteration to the next. A cached export (checkpoint without --mo
 weights) has the fused model.onnx too: the split graphs joined in one graph, with what the outputs
 do not need pruned (the class heads of stages 0..M-2): the same work as the split graphs, in one call.
 Order: every backend is loaded and warmed up first, then timed one clip each in turn (round robin,
---iters rounds), so that a machine whose speed drifts during the run (a shared VM, another
-process, thermal limits) slows every backend alike: the ratios are what a noisy machine can still
-measure. `--sequential` times each backend alone instead and frees it before the next.
+--iters rounds), so that when a machine's speed drifts during the run (a shared VM, another
+process, thermal limits) every backend is timed over the same minutes rather than each over its
+own; one ratio per round (back-to-back clips) shows the spread. A drift need not slow every
+backend by the same factor (on a busy 2-core VM PyTorch eager slowed more than ONNX Runtime), so
+compare runs of similar load. `--sequential` times each backend alone and frees it before the next.
+A backend that fails is reported as an error in one line; the others go on.
 Statistics per part: mean, p50, p90, p99, min (ms per clip); per frame = per clip / T; FPS model-only
-(T / model) and end to end (T / clip). Memory, round robin: the RSS each backend added while it was
-loaded and warmed up (rss_increase_mb; peak_rss_mb null) and the process's peak with all loaded
-(process_peak_rss_mb). `--sequential`: the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs before each backend is created) while that backend is created and run, and its
-increase over the RSS before (other backends are freed first; without clear_refs: ru_maxrss).
+(T / model) and end to end (T / clip). Memory: VmHWM, the process's peak RSS, reset through
+/proc/self/clear_refs before each backend is created (without clear_refs: ru_maxrss, the peak of
+the whole process). rss_increase_mb is that peak over the RSS before the backend was created, while
+it was created and warmed up (round robin, with the backends before it loaded) or created and run
+(`--sequential`, the others freed first; then also peak_rss_mb). Round robin: peak_rss_mb null and
+process_peak_rss_mb, the peak with every backend loaded, over the timed rounds included.
 
 Work: GFLOPs per clip counted by the analytic ONNX counter of export/flops.py (Conv, ConvTranspose,
 MatMul, Gemm; 2 FLOPs per multiply-add; shapes from onnx shape inference at the benchmark's T, H, W
@@ -439,9 +443,8 @@ def summarize(values) -> dict:
 
 class ClipTimer:
     """One backend's clips, timed part by part: `warmup` clips first (not counted), then counted
-    ones, one clip per step(). `evis bench` steps every backend in turn (round robin), so that a
-    machine whose speed drifts (a shared VM, thermal limits) slows every backend alike and the
-    ratios stay meaningful."""
+    ones, one clip per step(). `evis bench` steps every backend in turn (round robin), so that
+    every backend is timed over the same minutes of a machine whose speed drifts."""
 
     def __init__(self, runner, clip_bgr, size, max_size, stages, warmup, num_queries, options=None):
         from efficientvis.runtime.tracker import SlotTracker
@@ -553,7 +556,7 @@ def add_arguments(p):
     p.add_argument("--sequential", action="store_true",
                    help="time each backend alone, one after the other, freeing it before the next (its "
                         "own peak memory; uses less memory) instead of one clip of each in turn (the "
-                        "default: a machine's drift in speed then hits every backend alike)")
+                        "default: every backend is then timed over the same minutes of a machine whose speed drifts)")
     p.add_argument("--channels-last", action="store_true", help="also PyTorch eager with channels_last")
     p.add_argument("--backends", default="", metavar="A,B",
                    help="only these backends (pytorch, pytorch-channels-last, ort-fp32, ort-int8, ...)")
@@ -568,10 +571,18 @@ def _fmt_ms(v):
 
 
 def _rss(b):
-    """The table's RSS MB: a backend's peak, or (round robin) '+' what loading it added."""
+    """The table's RSS MB: a backend's peak, or (round robin) what loading it added (+N)."""
     if b.get("peak_rss_mb") is not None:
         return f"{b['peak_rss_mb']:.0f}"
-    return "-" if b.get("rss_increase_mb") is None else f"+{b['rss_increase_mb']:.0f}"
+    return "-" if b.get("rss_increase_mb") is None else f"{b['rss_increase_mb']:+.0f}"
+
+
+def _failure(e) -> str:
+    """A backend's failure in one line: our own message, or the exception's type and first line."""
+    if isinstance(e, UserError):
+        return str(e)
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def format_table(report) -> str:
@@ -599,7 +610,7 @@ def format_table(report) -> str:
                      f"{b['fps']['model']:>7.2f} {b['fps']['end_to_end']:>8.2f} {b['gflops_per_s']:>8.1f} "
                      f"{_rss(b):>7} {('%.2f' % sp) if sp else '-':>9}")
     lines.append("(clip ms, p50/p90/p99, ms/frame, FPS: model only = backbone + stages; FPS e2e adds "
-                 "preprocess + postprocess; RSS MB: " + ("+ what loading and warming up the backend added" if
+                 "preprocess + postprocess; RSS MB: " + ("+N: what loading and warming up the backend added" if
                                                         s.get("order") == "round-robin" else "peak") + ")")
     parts = [p for p in report["parts"] if p not in ("model", "clip")]
     lines.append("")
@@ -811,11 +822,11 @@ def run(args) -> int:
     main_flops = flops_at(clip, in_h, in_w)
     specs = _make_specs(args, model, model_dir, manifest, threads)
     options = (float(manifest.infer.get("background_threshold", 0.2)), int(manifest.infer.get("reset_after", 3)))
+
     def _finish_entry(entry, runner, timer):
         """A measured backend's statistics, work and stage sweep; then its --sweep-T/--sweep-size
         points (each backend alone)."""
         records, input_hw, inst = timer.result()
-        entry["load_average"]["after"] = _load()
         entry["input_size"] = list(input_hw)
         entry["latency_ms"] = {k: summarize(v) for k, v in records.items()}
         entry["model_ms_per_clip"] = [round(v * 1000, 3) for v in records["model"]]
@@ -864,7 +875,7 @@ def run(args) -> int:
             continue
         log(f"evis bench: {name} ..." if not round_robin else f"evis bench: loading and warming up {name} ...")
         gc.collect()
-        entry["load_average"] = {"before": _load()}
+        load_before = _load()
         rss0 = rss_mb()
         reset_peak_rss()
         try:
@@ -877,32 +888,37 @@ def run(args) -> int:
                               manifest.num_queries, options)
             for _ in range(args.warmup + (0 if round_robin else args.iters)):
                 timer.step()
-        except UserError as e:
-            entry["status"], entry["reason"] = "error", str(e)
+        except Exception as e:  # noqa: BLE001 - one failing backend (out of memory, ...) must not lose the others
+            entry["status"], entry["reason"] = "error", _failure(e)
             continue
-        if round_robin:  # its memory: what loading and warming it up added (all stay loaded)
-            entry["peak_rss_mb"] = None
-            entry["rss_increase_mb"] = round(rss_mb() - rss0, 1) if rss0 is not None else None
+        # the process's peak while this backend loaded and ran (round robin: loaded and warmed up,
+        # with the backends before it still loaded), and how far that is above the RSS before it
+        peak = round(peak_rss_mb(), 1)
+        entry["rss_increase_mb"] = round(peak - rss0, 1) if rss0 is not None else None
+        if round_robin:
+            entry["peak_rss_mb"] = None  # the process holds every backend: see process_peak_rss_mb
             loaded.append((entry, runner, timer))
             continue
-        entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        entry["rss_increase_mb"] = round(entry["peak_rss_mb"] - rss0, 1) if rss0 is not None else None
+        entry["peak_rss_mb"], entry["process_peak_rss_mb"] = peak, None
+        entry["load_average"] = {"before": load_before, "after": _load()}
         _finish_entry(entry, runner, timer)
         del runner, timer
         gc.collect()
     if loaded:
         log(f"evis bench: {', '.join(e['name'] for e, _, _ in loaded)}, one clip each in turn "
             f"({args.iters} timed rounds) ...")
+        load_before = _load()
         for _ in range(args.iters):
-            for _entry, _runner, timer in loaded:
+            for entry, _runner, timer in loaded:
                 try:
                     timer.step()
-                except UserError as e:
-                    _entry["status"], _entry["reason"] = "error", str(e)
+                except Exception as e:  # noqa: BLE001 - as above
+                    entry["status"], entry["reason"] = "error", _failure(e)
             loaded = [x for x in loaded if x[0]["status"] == "ok"]
-        process_peak = round(peak_rss_mb(), 1)
+        load_after, process_peak = _load(), round(peak_rss_mb(), 1)
         for entry, runner, timer in loaded:
             entry["process_peak_rss_mb"] = process_peak
+            entry["load_average"] = {"before": load_before, "after": load_after}
             _finish_entry(entry, runner, timer)
         del loaded
 
@@ -957,8 +973,9 @@ def run(args) -> int:
         "settings": {"size": [in_h, in_w], "source_size": [src_h, src_w], "clip": clip, "stages": stages,
                      "warmup": args.warmup, "iters": args.iters, "sweep_iters": sweep_iters,
                      "threads": threads, "order": "round-robin" if round_robin else "sequential",
-                     "peak_rss": ("RSS added by loading and warming up each backend (all stay loaded: round robin); "
-                                  "per-backend peaks with --sequential") if round_robin else
+                     "peak_rss": ("rss_increase_mb: peak over the RSS before, while each backend loaded and "
+                                  "warmed up (all stay loaded: round robin); per-backend peaks with "
+                                  "--sequential") if round_robin else
                      "VmHWM reset per backend" if has_clear_refs else "ru_maxrss (process-wide peak)"},
         "flops": {"method": main_flops["method"], "method_short": "analytic ONNX count",
                   "per_clip": main_flops["total"], "gflops_per_clip": main_flops["total"] / 1e9,

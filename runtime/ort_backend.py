@@ -159,12 +159,12 @@ class OrtBackend:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        if len(graphs) > 1:
-            # each session has its own intra-op pool, whose threads spin after a run by default:
-            # the backbone's and each stage's spinning threads then steal the cores the next graph
-            # runs on (2 cores: an r50 stage 80-125 ms with spinning, 53-75 ms without; a tiny-model
-            # clip 169-191 ms with, 59-64 ms without)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # each session has its own intra-op pool, whose threads spin after a run by default: the
+        # backbone's and each stage's spinning threads then steal the cores the next graph runs on
+        # (2 cores: an r50 stage 80-125 ms with spinning, 53-75 ms without; a tiny-model clip
+        # 169-191 ms with, 59-64 ms without), and the fused graph's the cores of the caller's
+        # pre- and post-processing
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for g in graphs:
             # providers this ONNX Runtime lacks are left out (reported below, without ORT's own
