@@ -92,7 +92,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from efficientvis import __version__
-from efficientvis.errors import UserError
+from efficientvis.errors import UserError, one_line
 
 FORMAT_VERSION = 1
 STATS = ("mean", "p50", "p90", "p99", "min")
@@ -577,14 +577,6 @@ def _rss(b):
     return "-" if b.get("rss_increase_mb") is None else f"{b['rss_increase_mb']:+.0f}"
 
 
-def _failure(e) -> str:
-    """A backend's failure in one line: our own message, or the exception's type and first line."""
-    if isinstance(e, UserError):
-        return str(e)
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def format_table(report) -> str:
     m, s = report["machine"], report["settings"]
     fl = report["flops"]
@@ -889,7 +881,7 @@ def run(args) -> int:
             for _ in range(args.warmup + (0 if round_robin else args.iters)):
                 timer.step()
         except Exception as e:  # noqa: BLE001 - one failing backend (out of memory, ...) must not lose the others
-            entry["status"], entry["reason"] = "error", _failure(e)
+            entry["status"], entry["reason"] = "error", one_line(e)
             continue
         # the process's peak while this backend loaded and ran (round robin: loaded and warmed up,
         # with the backends before it still loaded), and how far that is above the RSS before it
@@ -913,7 +905,7 @@ def run(args) -> int:
                 try:
                     timer.step()
                 except Exception as e:  # noqa: BLE001 - as above
-                    entry["status"], entry["reason"] = "error", _failure(e)
+                    entry["status"], entry["reason"] = "error", one_line(e)
             loaded = [x for x in loaded if x[0]["status"] == "ok"]
         load_after, process_peak = _load(), round(peak_rss_mb(), 1)
         for entry, runner, timer in loaded:

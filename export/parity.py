@@ -89,7 +89,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from efficientvis import __version__
-from efficientvis.errors import UserError
+from efficientvis.errors import UserError, one_line
 
 FORMAT_VERSION = 1
 TOL_KEYS = ("logits_abs", "logits_rel", "probs_abs", "clip_probs_abs", "proposals_abs", "proposals_rel", "features_abs",
@@ -777,11 +777,8 @@ def run(args) -> int:
                                + (" ..." if len(failed) > 5 else "")) if failed else ""
             if hasattr(backend, "close"):
                 backend.close()
-        except UserError as e:
-            entry["status"], entry["reason"] = "error", str(e)
         except Exception as e:  # noqa: BLE001 - a backend that crashes is a failed backend, not a traceback
-            entry["status"] = "error"
-            entry["reason"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            entry["status"], entry["reason"] = "error", one_line(e)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
 
     ran = [b for b in backends if b["status"] != "skipped"]

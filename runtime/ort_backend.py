@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from efficientvis.errors import UserError
+from efficientvis.errors import UserError, one_line
 from efficientvis.runtime import manifest as manifest_lib
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -174,8 +174,7 @@ class OrtBackend:
             try:
                 self.sessions[g] = inference_session(ort, files[g], options, providers, entry_of(g))
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
-                raise UserError(f"{files[g]}: ONNX Runtime cannot load it ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0][:200]})") from None
+                raise UserError(f"{files[g]}: ONNX Runtime cannot load it ({one_line(e, 200)})") from None
         self.in_use = self.providers_in_use()
         # IO binding keeps tensors on this device between stages and clips ("cuda" for both GPU
         # providers; tests run the same path with "cpu")
@@ -269,7 +268,7 @@ class OrtBackend:
         except Exception as e:  # noqa: BLE001 - ORT's InvalidArgument / Fail / RuntimeException
             if type(e).__module__.startswith("onnxruntime"):
                 raise UserError(f"ONNX Runtime rejected the clip of shape {frames.shape} "
-                                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+                                f"({one_line(e, 200)})") from None
             raise
 
     def _call(self, graph, feeds, outputs):
