@@ -1,6 +1,7 @@
 """Matching, losses and the training machinery (resume, DDP on gloo, errors, overfitting)."""
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -223,9 +224,10 @@ def _train(data, out, *settings, resume=False):
 
 def test_resume_continues_exactly(small_data, tmp_path):
     """Also trains on chains of 3 clips (correspondence learning over two query-feedback hops),
-    started every other step from the queries of a lead clip (data.lead_clips)."""
+    started every other step from the queries of a lead clip (data.lead_clips), and keeps a
+    weight average (train.ema_decay) that a resume restores."""
     straight, split = str(tmp_path / "a"), str(tmp_path / "b")
-    chain = ["data.correspondence_clips=3", "data.lead_clips=1"]
+    chain = ["data.correspondence_clips=3", "data.lead_clips=1", "train.ema_decay=0.9", "train.ema_warmup_steps=1"]
     assert _train(small_data, straight, "train.epochs=2", *chain) == 0
     assert _train(small_data, split, "train.epochs=1", *chain) == 0
     # as if killed after logging two steps past its last checkpoint (step 4): resuming drops them
@@ -240,11 +242,37 @@ def test_resume_continues_exactly(small_data, tmp_path):
     assert checkpoint.load(os.path.join(split, "final.pt"))["step"] == 8
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    # final.pt holds the average, last.pt the weights (and the average, which a resume restores)
+    last = checkpoint.load(os.path.join(split, "last.pt"))
+    assert not torch.allclose(last["model"]["init_queries.weight"], a["init_queries.weight"])
+    torch.testing.assert_close(last["ema"]["init_queries.weight"], a["init_queries.weight"])
     with open(os.path.join(split, "train.csv")) as f:
         split_rows = list(csv.DictReader(f))
     assert [r["step"] for r in split_rows] == [str(s) for s in range(1, 9)]
     for a_row, b_row in zip(straight_rows, split_rows):  # the logs too, as if never stopped
         assert abs(float(a_row["loss"]) - float(b_row["loss"])) < 1e-4 * float(a_row["loss"]), (a_row, b_row)
+
+
+def test_weight_average_follows_its_formula():
+    from efficientvis.training.ema import ModelEMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(model, decay=0.9, warmup_steps=10)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(1, 4):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        model.train()(torch.randn(4, 3))  # moves BatchNorm's running statistics and its counter
+        ema.update(model, step)
+        d = 0.9 * (1 - math.exp(-step / 10))
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, expected[k], msg=k)
+    assert ema.state_dict()["1.num_batches_tracked"] == 3
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(UserError, match="ema_decay"):
+        ModelEMA(model, decay=1.0)
 
 
 def test_time_budget_fits_the_schedule_and_a_resume_keeps_it(small_data, tmp_path):

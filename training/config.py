@@ -112,6 +112,8 @@ class TrainConfig:
     # started, until this fraction of it has run: a slow first window (another job on the machine)
     # fixed a 27-minute budget at 1586 steps that ran in 20.7 minutes
     budget_refit_until: float = 0.25
+    ema_decay: float = 0.0            # >0: keep an exponential moving average of the weights (ema.py);
+    ema_warmup_steps: int = 100       # validation scores it and final.pt holds it; last.pt the raw weights
 
 
 @dataclass

@@ -6,7 +6,8 @@ assignment. `data.correspondence_clips` > 2 chains more clips the same way (each
 previous one's queries), and `data.lead_clips` runs clips before the chain without loss, so the
 chain also starts from carried queries, as inference's later clips do. Checkpoints are written
 atomically every `train.checkpoint_every` steps and at the end; `--resume` continues exactly (the
-data order is a function of (seed, epoch, index)).
+data order is a function of (seed, epoch, index)). `train.ema_decay` keeps a moving average of the
+weights (ema.py) that validation scores and final.pt holds.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import load_config
 from efficientvis.training.denoising import noised_tracklet_boxes
+from efficientvis.training.ema import ModelEMA
 from efficientvis.training.losses import TrackletCriterion
 from efficientvis.training.dataset import collate
 from efficientvis.training.model import build_model
@@ -290,6 +292,11 @@ def run(args):
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and device.type == "cuda")
 
+    # the weight average lives on rank 0 only, which validates and saves it
+    ema = None
+    if cfg.train.ema_decay > 0 and main:
+        ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_warmup_steps)
+    scored = model if ema is None else ema.module  # validated and saved as final.pt
     step, budget_total = 0, 0
     resume_path = os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume
     if args.resume and (args.resume != "auto" or os.path.exists(resume_path)):
@@ -300,6 +307,12 @@ def run(args):
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
+        if ema is not None:
+            if "ema" in ckpt:
+                checkpoint.load_model_state(ema.module, ckpt["ema"], resume_path)
+            else:
+                ema.load_state_dict(model.state_dict())
+                print(f"{resume_path} has no weight average: train.ema_decay starts it from step {step}")
         budget_total = int(ckpt.get("budget_total_steps", 0))
         if main:
             print(f"resumed from {resume_path} at step {step}")
@@ -349,7 +362,8 @@ def run(args):
         if main:
             checkpoint.save(os.path.join(args.out, name), model=model.state_dict(),
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                            budget_total_steps=budget_total, **checkpoint_meta)
+                            budget_total_steps=budget_total, **checkpoint_meta,
+                            **({"ema": ema.state_dict()} if ema is not None else {}))
 
     start_time = time.time()
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="train", dynamic_ncols=True)
@@ -390,6 +404,8 @@ def run(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(model, step)
             timed = step - first_step - cfg.train.budget_warmup_steps  # steps since the speed is timed
             if fit_budget and timed == 0:
                 timing_start = time.time()
@@ -427,7 +443,7 @@ def run(args):
         at_end = step >= total_steps or stop
         save("last.pt")
         if main and (at_end or (cfg.train.eval_every and epoch_done % cfg.train.eval_every == 0)):
-            metrics = evaluate_checkpoint(model, cfg, dataset.class_names, device, args.out)
+            metrics = evaluate_checkpoint(scored, cfg, dataset.class_names, device, args.out)
             if metrics:
                 logger.scalars("valid", step, metrics)
                 print(f"\nstep {step}: valid AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
@@ -436,7 +452,7 @@ def run(args):
             dist.barrier()
     bar.close()
     if main:
-        checkpoint.save(os.path.join(args.out, "final.pt"), model=model.state_dict(), step=step,
+        checkpoint.save(os.path.join(args.out, "final.pt"), model=scored.state_dict(), step=step,
                         **checkpoint_meta)
         print(f"done: {os.path.join(args.out, 'final.pt')} after {step} steps, "
               f"{(time.time() - start_time) / 60:.1f} min")
