@@ -5,7 +5,10 @@ Measures what a user leaving the runtime on a camera relies on:
   growth = (largest RSS after warm-up - RSS at the end of warm-up) / RSS at the end of warm-up;
 - track ids stay stable for the objects that stay in view: for every ground-truth track visible
   in at least 95 % of the frames, each frame's prediction is the track with the best mask IoU
-  (>= 0.5) with it; we count the id switches and the frames it is found in.
+  (>= 0.5) with it; we count the id switches and the frames it is found in;
+- over every object, IDF1 (one global assignment of tracks to objects, ytvis/identity.py) and the
+  id switches split into those where a clip starts (the query feedback lost the object) and those
+  inside a clip (two tracks on one object trading the best IoU).
 
     python benchmarks/long_run.py --model outputs/model --out outputs/long_run [--frames 3000]
 
@@ -27,6 +30,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from efficientvis.runtime.linking import LINKING
+from efficientvis.ytvis.identity import frame_matches, identity_metrics
 
 
 def rss_mb(pid):
@@ -102,30 +106,33 @@ def load_predictions(tracks_path):
     return frames
 
 
-def id_stability(gt, predictions, min_visible=0.95, min_iou=0.5):
-    """Per long-lived ground-truth track: frames found, id switches, the ids it was given."""
+def gt_per_frame(gt, n):
+    """The long video's annotations -> per frame {object id: RLE} of the objects in view."""
     video = gt["videos"][0]
     h, w = video["height"], video["width"]
-    n = min(len(predictions), video["length"])
-    report = []
+    frames = [{} for _ in range(n)]
     for ann in gt["annotations"]:
-        segs = ann["segmentations"][:n]
-        visible = [t for t, s in enumerate(segs) if s is not None]
-        if len(visible) < min_visible * n:
-            continue
-        ids = []
-        for t in visible:
-            g = segs[t]
+        for t, g in enumerate(ann["segmentations"][:n]):
+            if g is None:
+                continue
             g = mask_utils.frPyObjects(g, h, w) if isinstance(g["counts"], list) else g
             if isinstance(g["counts"], str):
                 g = {"size": g["size"], "counts": g["counts"].encode()}
-            preds = predictions[t]
-            if not preds:
-                ids.append(None)
-                continue
-            ious = mask_utils.iou([p[1] for p in preds], [g], [0])[:, 0]
-            best = int(np.argmax(ious))
-            ids.append(preds[best][0] if ious[best] >= min_iou else None)
+            frames[t][ann["id"]] = g
+    return frames
+
+
+def id_stability(gt, objects, predictions, min_visible=0.95):
+    """Per long-lived object (in view in >= min_visible of the frames): frames found, id switches,
+    the ids it was given (its best track with mask IoU >= 0.5 in each frame it is in view)."""
+    n = len(objects)
+    best = [frame_matches(objects[t], predictions[t])[1] for t in range(n)]
+    report = []
+    for ann in gt["annotations"]:
+        visible = [t for t in range(n) if ann["id"] in objects[t]]
+        if len(visible) < min_visible * n:
+            continue
+        ids = [best[t][ann["id"]] for t in visible]
         found = [i for i in ids if i is not None]
         switches = sum(1 for a, b in zip(found, found[1:]) if a != b)
         main_id = max(set(found), key=found.count) if found else None
@@ -170,6 +177,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-results", action="store_true", help="evis run --no-results: no results.json")
     p.add_argument("--linking", choices=LINKING, help="evis run --linking")
+    p.add_argument("--clip", type=int, default=0, help="evis run --clip (0: the manifest's T)")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -185,6 +193,8 @@ def main(argv=None):
         cmd.append("--no-results")
     if args.linking:
         cmd += ["--linking", args.linking]
+    if args.clip:
+        cmd += ["--clip", str(args.clip)]
     tracks_path = os.path.join(run_dir, "tracks.jsonl")
     if os.path.exists(tracks_path):
         os.remove(tracks_path)
@@ -200,13 +210,18 @@ def main(argv=None):
     with open(video[:-4] + ".json") as f:
         gt = json.load(f)
     predictions = load_predictions(tracks_path)
-    stability = id_stability(gt, predictions)
+    objects = gt_per_frame(gt, min(len(predictions), gt["videos"][0]["length"]))
+    stability = id_stability(gt, objects, predictions)
+    from efficientvis.runtime import manifest
+    clip_length = args.clip or manifest.load(args.model, verify=False).clip_length
+    identity = identity_metrics(objects, predictions, clip_length)
     memory = memory_growth(samples, args.warmup_frames)
     summary = {"video": video, "frames": len(predictions), "model": args.model, "command": cmd,
                "track_ids": len({tid for items in predictions for tid, _ in items}),
                "seconds": round(samples[-1][0], 1) if samples else None,
                "warmup_frames": args.warmup_frames, **memory,
                "memory_flat": memory["growth_percent"] < 5.0,
+               "clip_length": clip_length, "identity": identity,
                "long_lived_objects": [{k: v for k, v in t.items() if k != "ids"} for t in stability],
                "run_log_tail": log.strip().splitlines()[-4:]}
     from efficientvis.ytvis.results import write_json_atomic
@@ -220,6 +235,11 @@ def main(argv=None):
         print(f"object {t['gt_id']} (category {t['category_id']}): found in {t['frames_found']}/"
               f"{t['frames_visible']} frames, {t['id_switches']} id switches, main id {t['main_id']} "
               f"in {100 * t['main_id_share']:.1f} % of them")
+    switches = identity["id_switches"]
+    print(f"identity over every object: IDF1 {identity['idf1']:.3f} (IDP {identity['idp']:.3f}, IDR "
+          f"{identity['idr']:.3f}); best-track id switches {switches['total']}: {switches['at_clip_start']} "
+          f"where a clip of {clip_length} starts (query feedback), {switches['within_clip']} inside a clip "
+          f"(tracks trading the best IoU)")
     print(f"written: {args.out}/long_run.json, memory.csv, long_run.png")
     return 0 if summary["memory_flat"] else 1
 

@@ -481,3 +481,36 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
     assert err.startswith("evis eval: error: ") and err.count("\n") == 1
     assert str(res) in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- identity (IDF1)
+
+
+def test_identity_metrics_count_idf1_and_split_the_switches():
+    """12 frames in clips of 4, objects 1 and 2. Tracks 10 and 20 hold them until the clip that
+    starts at frame 8, where they hand over (object 1 -> track 20, object 2 -> track 30: two
+    switches at a clip start); in frame 2 a duplicate, track 11, covers object 1 better than track
+    10 does (two switches inside a clip: to 11 and back). Hand-computed IDF1: one global assignment
+    1 -> 10 (8 frames), 2 -> 20 (8 frames): IDTP 16 of 24 object-frames and 25 predicted masks."""
+    from efficientvis.ytvis.identity import identity_metrics
+
+    def rle(y0, y1, x0, x1):
+        return mask_utils.encode(np.asfortranarray(box(40, 60, y0, y1, x0, x1).astype(np.uint8)))
+
+    a, a_shifted, b = rle(5, 15, 5, 20), rle(5, 15, 7, 22), rle(20, 35, 30, 50)  # shifted: IoU 0.76
+    gt = [{1: a, 2: b} for _ in range(12)]
+    pred = []
+    for t in range(12):
+        if t < 8:
+            frame = [(10, a_shifted if t == 2 else a), (20, b)] + ([(11, a)] if t == 2 else [])
+        else:
+            frame = [(20, a), (30, b)]
+        pred.append(frame)
+    m = identity_metrics(gt, pred, clip_length=4)
+    assert m["id_switches"] == {"total": 4, "at_clip_start": 2, "within_clip": 2}
+    assert m["idf1"] == round(2 * 16 / (24 + 25), 4) and m["idp"] == 0.64 and m["idr"] == round(16 / 24, 4)
+    assert m["objects"] == {1: {"frames": 12, "idtp": 8, "track": 10}, 2: {"frames": 12, "idtp": 8, "track": 20}}
+    # nothing predicted: no identity, no switches; a frame without objects counts predictions only
+    empty = identity_metrics(gt, [[] for _ in gt], clip_length=4)
+    assert (empty["idf1"], empty["id_switches"]["total"]) == (0.0, 0)
+    assert identity_metrics([{}], [[(10, a)]])["idp"] == 0.0
