@@ -340,12 +340,15 @@ def _sync(torch, device):
 class TorchRunner:
     """PyTorch eager on the modules the graphs are exported from (export/graphs.py)."""
 
-    def __init__(self, model, device="cpu", channels_last=False):
+    def __init__(self, model, device="cpu", channels_last=False, fp16=False):
         import torch
 
         from efficientvis.export import graphs as G
 
-        self.torch, self.device = torch, torch.device(device)
+        self.torch, self.device, self.fp16 = torch, torch.device(device), fp16
+        if self.device.type == "cuda":  # "fp32" means it: cuDNN's convolutions default to TF32 on Ampere+
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         if channels_last:
             model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         self.model = model.to(self.device).eval()
@@ -360,7 +363,8 @@ class TorchRunner:
     def run(self, frames, stages):
         torch, dev = self.torch, self.device
         times = {}
-        with torch.no_grad():
+        # fp16: autocast, as `evis train` runs on CUDA (AMP): float16 matmuls and convolutions
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=self.fp16):
             t0 = time.perf_counter()
             x = torch.from_numpy(frames).to(dev)
             feats = self.modules["backbone"](x)
@@ -716,6 +720,8 @@ def _make_specs(args, model, model_dir, manifest, threads):
     if torch.cuda.is_available():
         specs.append(("pytorch-cuda", "pytorch", "fp32", "cuda (eager)",
                       lambda: TorchRunner(copy.deepcopy(model), "cuda"), ""))
+        specs.append(("pytorch-cuda-fp16", "pytorch", "fp16", "cuda (eager, autocast)",
+                      lambda: TorchRunner(copy.deepcopy(model), "cuda", fp16=True), ""))
     for spec in runtime_backends(model_dir, args.qdq, args.engines, threads, manifest):
         if spec.skip:
             specs.append((spec.name, spec.runtime, spec.precision, spec.provider, None, spec.skip))

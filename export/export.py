@@ -497,26 +497,34 @@ def torch_reference(model, frames, image_size, init_queries, roi_form, num_stage
     import torch
     from efficientvis.training import roi_align
 
+    device = next(model.parameters()).device  # `evis parity --device cuda`: the model is on the GPU
+
+    def tensor(array):
+        return torch.as_tensor(array, device=device)
+
+    def numpy(t):
+        return t.cpu().numpy()
+
     out, feeds = {}, {}
     with torch.no_grad(), roi_align.export_mode(roi_form):
-        feats = G.build_graph_module(model, "backbone")(torch.as_tensor(frames))
+        feats = G.build_graph_module(model, "backbone")(tensor(frames))
         feeds["backbone"] = {"frames": frames}
-        out["backbone"] = fd = {n: f.numpy() for n, f in zip(G.FEATURES, feats)}
+        out["backbone"] = fd = {n: numpy(f) for n, f in zip(G.FEATURES, feats)}
         q = boxes = None
         for k in range(num_stages or len(model.iterations)):
             name = f"stage_{k}"
             module = G.build_graph_module(model, name)
             if k == 0:
-                res = module(*feats, torch.as_tensor(init_queries), torch.as_tensor(image_size))
+                res = module(*feats, tensor(init_queries), tensor(image_size))
                 feeds[name] = {**fd, "init_queries": init_queries, "image_size": image_size}
             else:
                 res = module(*feats, q, boxes)
-                feeds[name] = {**fd, "queries_in": q.numpy(), "proposals_in": boxes.numpy()}
-            out[name] = {n: r.numpy() for n, r in zip(G.STAGE_OUTPUTS, res)}
+                feeds[name] = {**fd, "queries_in": numpy(q), "proposals_in": numpy(boxes)}
+            out[name] = {n: numpy(r) for n, r in zip(G.STAGE_OUTPUTS, res)}
             q, boxes = res[0], res[1]
             mask = f"mask_{k}"
             feeds[mask] = {**fd, "attended": out[name]["attended"], "proposals": out[name]["proposals"]}
-            out[mask] = {"mask_probs": G.build_graph_module(model, mask)(*feats, res[3], res[1]).numpy()}
+            out[mask] = {"mask_probs": numpy(G.build_graph_module(model, mask)(*feats, res[3], res[1]))}
     out["model"] = {**{n: out[name][n] for n in G.FUSED_OUTPUTS if n != "mask_probs"}, **out[mask]}
     feeds["model"] = {"frames": frames, "init_queries": init_queries, "image_size": image_size}
     return out, feeds

@@ -707,6 +707,10 @@ def run(args) -> int:
     tol = tolerances_from_args(args)
     manifest = manifest_lib.load(args.model)
     model, cfg, class_names = load_model(args.checkpoint, args.device)
+    # a float32 reference on a GPU too: cuDNN's convolutions default to TF32 on Ampere and later
+    # (Jetson Orin included), 10-bit mantissas that would be charged to the backends under test
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     _check_pair(model, cfg, manifest, args.checkpoint, args.model)
     gt, ann, image_root = _data(args, cfg.model.num_classes, class_names or manifest.class_names)
     options = loop_options(cfg)

@@ -32,6 +32,7 @@ FP32: the manifest's quantization.op_types lists none for them). On the CPU prov
 FP16 is a TensorRT EP option.
 """
 
+import hashlib
 import os
 import sys
 import time
@@ -90,6 +91,15 @@ def inference_session(ort, path, options, providers, entry=None):
     without)."""
     return ort.InferenceSession(path, options, providers=providers,
                                 disabled_optimizers=list((entry or {}).get("onnxruntime_disabled_optimizers", [])))
+
+
+def content_key(entry, path):
+    """A short key of a graph's content: the manifest's sha256 of its file and external data (the
+    file's own hash when the manifest has none)."""
+    digest = hashlib.sha256((entry.get("sha256") or manifest_lib.sha256_of(path)).encode())
+    for extra in entry.get("external_data") or []:
+        digest.update(str(extra.get("sha256")).encode())
+    return digest.hexdigest()[:16]
 
 
 class OrtBackend:
@@ -169,7 +179,8 @@ class OrtBackend:
         for g in graphs:
             # providers this ONNX Runtime lacks are left out (reported below, without ORT's own
             # warnings); one that is there but fails to load falls back to CPU inside ORT
-            providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes)
+            providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes,
+                                                    content_key(entry_of(g), files[g]))
                          if (p[0] if isinstance(p, tuple) else p) in available]
             try:
                 self.sessions[g] = inference_session(ort, files[g], options, providers, entry_of(g))
@@ -180,18 +191,30 @@ class OrtBackend:
         # providers; tests run the same path with "cpu")
         self.on_device = self.in_use[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.device_type = "cuda"
-        if provider != "cpu" and PROVIDERS[provider] not in self.in_use:
-            _warn(f"{PROVIDERS[provider]} was requested but is not available in this ONNX Runtime "
-                  f"({ort.__version__}, device {ort.get_device()}); running on {', '.join(self.in_use)}. "
-                  f"Install onnxruntime-gpu (and not onnxruntime) matching your CUDA, and check "
-                  f"the CUDA/cuDNN/TensorRT libraries are found")
+        requested = PROVIDERS[provider]
+        if provider != "cpu" and requested not in self.in_use:
+            if requested in available:  # there, but it failed to start: ORT fell back on its own
+                problem = (f"{requested} is in this ONNX Runtime ({ort.__version__}) but failed to start, "
+                           f"and ONNX Runtime fell back to {', '.join(self.in_use)}")
+                if fp16:  # the FP16 a user asked for would silently be FP32
+                    raise UserError(f"{problem}: --fp16 needs it (ONNX Runtime's TensorRT provider is "
+                                    f"built for TensorRT 10; check its libraries, or build engines with "
+                                    f"`evis build` and run them with --backend trt)")
+                _warn(f"{problem} (ONNX Runtime logs the provider's error before it falls back)")
+            else:
+                _warn(f"{requested} was requested but is not available in this ONNX Runtime "
+                      f"({ort.__version__}, device {ort.get_device()}); running on {', '.join(self.in_use)}. "
+                      f"Install onnxruntime-gpu (and not onnxruntime) matching your CUDA, and check "
+                      f"the CUDA/cuDNN/TensorRT libraries are found")
         self.q_star = m.initial_queries
         self.queries = None
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
 
     # -- providers -------------------------------------------------------------------------------
-    def _providers(self, graph, fp16, int8, cache_dir, profile_shapes):
-        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+    def _providers(self, graph, fp16, int8, cache_dir, profile_shapes, content):
+        # HEURISTIC: the default (EXHAUSTIVE) benchmarks every cuDNN algorithm again for each new
+        # input shape, i.e. each video size and each video's shorter last clip: latency spikes
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id, "cudnn_conv_algo_search": "HEURISTIC"})
         if self.provider == "cpu":
             return ["CPUExecutionProvider"]
         if self.provider == "cuda":
@@ -202,9 +225,13 @@ class OrtBackend:
         except OSError as e:
             raise UserError(f"cannot create the TensorRT cache folder {cache}: {e.strerror or e} "
                             f"(give a writable one with --cache)") from None
+        # ONNX Runtime names a cached engine by the graph's file name, node names and versions, not
+        # its weights: a re-export or a recalibration into the same folder (or two checkpoints
+        # sharing --cache) would load the old engine. One engine folder per graph content.
+        engines = os.path.join(cache, content)
         trt = {"device_id": self.device_id, "trt_fp16_enable": bool(fp16),
                "trt_int8_enable": bool(int8) and graph not in self.float_graphs,
-               "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+               "trt_engine_cache_enable": True, "trt_engine_cache_path": engines,
                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
         profiles = self.profiles(graph, profile_shapes)
         for key in ("min", "opt", "max"):

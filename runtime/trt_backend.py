@@ -18,7 +18,8 @@ Memory: every I/O tensor has one device buffer (cudaMalloc, grown when a larger 
 the FPN features and the stage-to-stage queries/proposals never leave the device; the recurrent
 queries live in two device buffers that swap roles every clip (stage_0 reads one, the last stage
 run writes `next_queries` into the other). Only the last stage's class logits, boxes and mask
-probabilities are copied to the host, on one CUDA stream, synchronised once per clip.
+probabilities are copied to the host, on one CUDA stream, at the end of the clip (into pageable
+host memory, so each of the three copies waits for the stream).
 """
 
 import json
@@ -172,6 +173,9 @@ class _Engine:
         if self.engine is None:
             raise UserError(f"{path}: TensorRT could not deserialise the engine (see the log above)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # out of device memory for its activations (Orin Nano)
+            raise UserError(f"{path}: TensorRT could not create an execution context (out of GPU "
+                            f"memory? see the log above)")
         self.path = path
         self.inputs, self.outputs, self.dtypes = [], [], {}
         for i in range(self.engine.num_io_tensors):
@@ -241,11 +245,18 @@ class TrtBackend:
         self.engines = {n: _Engine(trt, self.runtime, p) for n, p in zip(names, paths)}
         self.stream = self.cuda.call(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.buffers = {}
-        self.q_star = m.initial_queries.astype(np.float32)
+        # the recurrent queries: stage 0 reads them in its input type, every last stage writes them
+        q_dtype = self.engines["stage_0"].dtypes["init_queries"]
+        for k in range(self.num_stages):
+            if self.engines[f"stage_{k}"].dtypes["next_queries"] != q_dtype:
+                raise UserError(f"{engine_dir}: stage_{k} writes next_queries as "
+                                f"{self.engines[f'stage_{k}'].dtypes['next_queries']} but stage_0 reads "
+                                f"init_queries as {q_dtype} (build the engines again with `evis build`)")
+        self.q_star = m.initial_queries.astype(q_dtype)
         self.query_buffers = [_Buffer(self.cuda), _Buffer(self.cuda)]
         for b in self.query_buffers:
             b.ensure(self.q_star.nbytes)
-        self.current = 0
+        self.current = None  # index of the query buffer the next clip reads; None before start_video
 
     def providers_in_use(self):
         return [f"TensorRT {self.precision}"]
@@ -271,23 +282,29 @@ class TrtBackend:
         stages = int(num_iterations or self.num_stages)
         if not 1 <= stages <= self.num_stages:
             raise UserError(f"--stages must be 1..{self.num_stages}, got {stages}")
+        if self.current is None:  # the recurrent queries hold nothing yet
+            self.start_video()
         if reset is not None and np.any(reset):
             self._reset(np.asarray(reset, bool))
-        frames = np.ascontiguousarray(frames)
+        backbone, stage_0 = self.engines["backbone"], self.engines["stage_0"]
+        # in the engines' own input types (float32 for `evis build`'s engines, which keep float
+        # inputs; a graph converted with float16 inputs gets float16 bytes, not float32 ones)
+        frames = np.ascontiguousarray(frames, backbone.dtypes["frames"])
         T, _, H, W = frames.shape
-        size = np.array([H, W], np.float32)
+        size = np.array([H, W], stage_0.dtypes["image_size"])
 
-        backbone = self.engines["backbone"]
-        addresses = {"frames": self._buffer("frames", frames.nbytes)}
+        # both uploads before the backbone runs: a copy from pageable host memory waits for the
+        # stream, so image_size queued after the backbone would make the host wait for it
+        addresses = {"frames": self._buffer("frames", frames.nbytes),
+                     "image_size": self._buffer("image_size", size.nbytes)}
         self.cuda.htod(addresses["frames"], frames, self.stream)
+        self.cuda.htod(addresses["image_size"], size, self.stream)
         backbone.set_shapes({"frames": frames.shape})
         shapes = {n: backbone.output_shape(n) for n in backbone.outputs}  # p2..p5
         for name in backbone.outputs:
             addresses[name] = self._buffer(name, backbone.nbytes(name))
         backbone.execute(addresses, self.stream)
 
-        addresses["image_size"] = self._buffer("image_size", size.nbytes)
-        self.cuda.htod(addresses["image_size"], size, self.stream)
         shapes["image_size"] = size.shape
         addresses["init_queries"] = self.query_buffers[self.current].ptr
         shapes["init_queries"] = self.q_star.shape

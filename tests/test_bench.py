@@ -156,3 +156,25 @@ def test_flop_counter_matches_hand_computation():
     # without the dynamic sizes the nodes that need them are reported, not guessed
     r = flops.graph_flops(model, {})
     assert r["by_op"] == {"Conv": grouped, "Gemm": gemm} and len(r["unresolved"]) == 2
+
+
+def test_pytorch_fp16_runner_is_autocast_and_close_to_fp32():
+    """The pytorch-cuda-fp16 row's runner (autocast float16, as AMP training), run here with CPU
+    autocast: float32 outputs to the caller, float32 queries carried, values near the FP32 run."""
+    from efficientvis.export.bench import TorchRunner
+    from efficientvis.training.config import load_config
+    from efficientvis.training.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny", []).model).eval()
+    frames = np.random.default_rng(0).integers(0, 255, (3, 3, 64, 96), dtype=np.uint8)
+    outs = {}
+    for fp16 in (False, True):
+        runner = TorchRunner(model, "cpu", fp16=fp16)
+        runner.start()
+        outs[fp16], _ = runner.run(frames, 3)
+        assert runner.queries.dtype == torch.float32
+    for name, ref in outs[False].items():
+        assert outs[True][name].dtype == np.float32
+        assert np.abs(outs[True][name] - ref).max() <= 0.02 * max(1.0, np.abs(ref).max()), name
+    assert not np.array_equal(outs[True]["class_logits"], outs[False]["class_logits"])  # it did run in fp16

@@ -285,7 +285,7 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
         from efficientvis.runtime.ort_backend import OrtBackend
 
         b = OrtBackend(out, provider="tensorrt", threads=1, cache_dir=str(tmp_path / "trt_cache"))
-        int8 = {g: b._providers(g, False, True, None, None)[0][1]["trt_int8_enable"] for g in GRAPHS}
+        int8 = {g: b._providers(g, False, True, None, None, "key")[0][1]["trt_int8_enable"] for g in GRAPHS}
         assert int8 == {g: not g.startswith("stage_") for g in GRAPHS}
     with pytest.raises(UserError, match="cannot be combined with --quantize-stages"):
         calibrate(exported["model_dir"], out, data=exported["data"], quantize_all=True, quantize_stages=True)

@@ -209,7 +209,7 @@ def test_same_tracks_as_pytorch_over_a_video(exported, video):
 def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):
     import onnxruntime as ort
 
-    from efficientvis.runtime.ort_backend import OrtBackend
+    from efficientvis.runtime.ort_backend import OrtBackend, content_key
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this ONNX Runtime has CUDA")
@@ -219,9 +219,15 @@ def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):
     assert b.providers_in_use() == ["CPUExecutionProvider"] and not b.on_device
     assert "TensorrtExecutionProvider was requested" in capsys.readouterr().err
     # the TensorRT EP options that would be used (profiles from the manifest's named axes)
-    name, opts = b._providers("stage_1", True, False, None, None)[0]
+    key = content_key(b.manifest.graphs["stage_1"], None)
+    name, opts = b._providers("stage_1", True, False, None, None, key)[0]
     assert name == "TensorrtExecutionProvider" and opts["trt_fp16_enable"] and not opts["trt_int8_enable"]
     assert opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"]
+    # ONNX Runtime names engines without their weights: one engine folder per graph content
+    cache = os.path.join(exported["model_dir"], "trt_cache")
+    assert (opts["trt_engine_cache_path"], opts["trt_timing_cache_path"]) == (os.path.join(cache, key), cache)
+    assert key != content_key({**b.manifest.graphs["stage_1"], "sha256": "0" * 64}, None)
+    assert key != content_key(b.manifest.graphs["stage_0"], None)
     assert opts["trt_profile_min_shapes"].startswith("p2:1x32x8x8,")
     assert "queries_in:4x4x32" in opts["trt_profile_max_shapes"]
     b.start_video()
