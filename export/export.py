@@ -58,8 +58,9 @@ ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSampl
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's dynamo exporter
 # bumped when the same checkpoint exports to different graphs (evis bench's cached exports are
-# keyed by it); 2: model.onnx keeps each graph's own symbolic dims apart
-EXPORT_REVISION = 2
+# keyed by it); 2: model.onnx keeps each graph's own symbolic dims apart; 3: Eq. 3's cosine
+# similarity divides by one norm at a time (no float16 underflow to NaN)
+EXPORT_REVISION = 3
 MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x 1)
 # Larger than this the graph's weights go to a .data file next to it (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1536 << 20
