@@ -77,3 +77,19 @@ def test_files_missing_invalid_and_missing_images(tmp_path):
     (tmp_path / "img" / "vid").mkdir(parents=True)
     with pytest.raises(UserError, match=r"video 7 \(vid\) frame 0 \(vid/00000.jpg\): missing image"):
         F.check_images(ds, str(tmp_path / "img"))
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(annotations=None),
+    lambda d: d.update(videos={"1": d["videos"][0]}),
+    lambda d: d["videos"][0].update(width="wide"),
+    lambda d: d.update(categories=[1, 2]),
+    lambda d: d["annotations"].append({"id": 9, "video_id": 1, "category_id": [1], "segmentations": [None]}),
+    lambda d: d["annotations"].append({"id": 9, "video_id": 1, "category_id": 1, "segmentations": 5}),
+])
+def test_fields_of_the_wrong_type_are_one_line_naming_the_file(change):
+    data = {"videos": [{"id": 1, "width": 5, "height": 4, "file_names": ["a.jpg"]}],
+            "categories": [{"id": 1, "name": "x"}], "annotations": []}
+    change(data)
+    with pytest.raises(UserError, match=r"^x\.json: not a valid YouTube-VIS annotation file \(a field of the wrong type"):
+        F.parse(json.loads(json.dumps(data)), "x.json")

@@ -400,6 +400,15 @@ def _small_problem():
     (lambda a: {**det(1, [a, a], 0.5), "segmentations": [[[0, 0, 1, 0, 1, 1]], None]},
      ["entry 1", "frame 0", "compressed RLE"]),
     (lambda a: "nope", ["entry 1", "not an object"]),
+    # RLE counts pycocotools would trust: a wrong metric, or an iou/merge that never returns
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": "!!!garbage~~~"}, None]},
+     ["entry 1", "frame 0", "invalid RLE", "outside COCO's RLE alphabet"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [None, {"size": [H, W], "counts": "héllo"}]},
+     ["entry 1", "frame 1", "invalid RLE"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [H * W + 1]}, None]},
+     ["entry 1", "frame 0", f"runs cover {H * W + 1} pixels, not {H}x{W}"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [-5, H * W + 5]}, None]},
+     ["entry 1", "frame 0", "negative run"]),
 ])
 def test_validation_names_the_offending_entry(bad, words):
     gt, a = _small_problem()
@@ -426,6 +435,34 @@ def test_validation_rejects_non_list():
     gt, _ = _small_problem()
     with pytest.raises(UserError, match="expected a JSON list"):
         validate_results(fmt.parse(gt), {"results": []})
+
+
+def test_rle_check_accepts_every_pycocotools_encoding_and_rejects_a_wrong_size():
+    """fmt.rle_problem decodes COCO's compressed counts itself: every mask pycocotools encodes
+    (random, empty, full, one corner block; compressed, as str and as uncompressed runs) passes,
+    the same counts for a frame one pixel wider do not, and neither do bad ground-truth RLEs."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        h, w = (int(x) for x in rng.integers(1, 40, 2))
+        m = rng.random((h, w)) < rng.random()
+        if trial % 4 == 1:
+            m = np.zeros((h, w), bool)
+        if trial % 4 == 2:
+            m = np.ones((h, w), bool)
+        if trial % 4 == 3:
+            m = box(h, w, int(rng.integers(0, h)), h, int(rng.integers(0, w)), w)
+        counts = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"]
+        flat = m.ravel(order="F").astype(np.int8)
+        changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+        runs = np.diff(np.concatenate([[0], changes])).tolist()
+        runs = runs if flat[0] == 0 else [0] + runs
+        for form in (counts, counts.decode(), runs):
+            assert fmt.rle_problem(form, h, w) is None, (trial, form)
+        assert "runs cover" in fmt.rle_problem(counts, h, w + 1)
+    gt = gt_dict([(1, 1, H, W)], [track(1, 1, [box(H, W, 0, 2, 0, 2)])])
+    gt["annotations"][0]["segmentations"] = [{"size": [H, W], "counts": [H * W - 1]}]
+    with pytest.raises(UserError, match=r"frame 0 \(v1/00000.jpg\) annotation 1: invalid RLE \(its runs cover 19 pixels"):
+        fmt.parse(gt)
 
 
 def test_uncompressed_rle_results_are_accepted():

@@ -82,6 +82,46 @@ def is_absent(segmentation) -> bool:
     return not segmentation
 
 
+def rle_problem(counts, height: int, width: int):
+    """Why an RLE's counts (COCO's compressed string/bytes, or the uncompressed list) do not
+    describe a height x width mask, or None. pycocotools trusts them: counts that do not add up
+    to height * width give a wrong IoU, and some make its iou/merge loop for ever.
+
+    The compressed form (pycocotools' rleFrString) in numpy: each character is 48 + 5 bits, bit
+    0x20 continues the number, the last character's 0x10 is its sign, and from the fourth count
+    on each is stored as the difference to the count two before it."""
+    if isinstance(counts, list):
+        runs = np.asarray(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
+    else:
+        if isinstance(counts, str):
+            if not counts.isascii():
+                return "its counts hold characters outside COCO's RLE alphabet"
+            counts = counts.encode("ascii")
+        raw = np.frombuffer(counts, np.uint8)
+        if raw.size and (raw.min() < 48 or raw.max() > 48 + 63):
+            return "its counts hold characters outside COCO's RLE alphabet"
+        values = raw.astype(np.int64) - 48
+        if values.size and values[-1] & 0x20:
+            return "its counts end in the middle of a number"
+        ends = np.flatnonzero((values & 0x20) == 0)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        if ends.size and (ends - starts).max() >= 12:  # 60 bits: no real count is that long
+            return "its counts hold a number too long for a mask"
+        position = np.arange(values.size) - np.repeat(starts, ends - starts + 1)
+        parts = (values & 0x1F) << (5 * position)
+        runs = np.add.reduceat(parts, starts) if ends.size else np.zeros(0, np.int64)
+        negative = (values[ends] & 0x10) != 0
+        runs = np.where(negative, runs - (np.int64(1) << (5 * (ends - starts + 1))), runs)
+        if runs.size > 3:  # counts[i] += counts[i - 2] for i > 2, i.e. two cumulative sums
+            for first in (3, 4):
+                runs[first - 2::2][1:] = np.cumsum(runs[first - 2::2])[1:]
+    if runs.size and runs.min() < 0:
+        return "its counts hold a negative run"
+    if int(runs.sum()) != height * width:
+        return f"its runs cover {int(runs.sum())} pixels, not {height}x{width} = {height * width}"
+    return None
+
+
 def to_rle(segmentation, height: int, width: int, where: str):
     """Any YouTube-VIS segmentation -> compressed RLE with `counts` as str, or None if absent."""
     if is_absent(segmentation):
@@ -99,6 +139,10 @@ def to_rle(segmentation, height: int, width: int, where: str):
         if size != [height, width]:
             raise UserError(f"{where}: RLE size {size} differs from the video size "
                             f"[{height}, {width}]")
+        problem = rle_problem(segmentation["counts"], height, width) if isinstance(
+            segmentation["counts"], (str, bytes, list)) else "its counts are not a string or a list"
+        if problem:
+            raise UserError(f"{where}: invalid RLE ({problem})")
         if isinstance(segmentation["counts"], list):  # uncompressed RLE
             rle = mask_utils.frPyObjects(segmentation, height, width)
         else:
@@ -154,7 +198,17 @@ def _require(obj, keys, where):
 
 
 def parse(data: dict, path: str = "annotations") -> Dataset:
-    """Validate and normalise a YouTube-VIS dict (ground truth; `annotations` may be absent)."""
+    """Validate and normalise a YouTube-VIS dict (ground truth; `annotations` may be absent).
+    A field of the wrong type (a string width, annotations that are null, a list category_id)
+    is one line naming the file, not a traceback."""
+    try:
+        return _parse(data, path)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise UserError(f"{path}: not a valid YouTube-VIS annotation file (a field of the wrong "
+                        f"type: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
+
+def _parse(data, path):
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object with 'videos' and 'categories'")
     _require(data, ["videos", "categories"], path)
@@ -163,6 +217,8 @@ def parse(data: dict, path: str = "annotations") -> Dataset:
     videos = {}
     for v in data["videos"]:
         _require(v, ["id", "width", "height", "file_names"], f"{path}: video {v.get('id', '?')}")
+        if not isinstance(v["file_names"], list):
+            raise UserError(f"{path}: video {v['id']}: file_names must be a list of frame paths")
         video = Video(int(v["id"]), int(v["width"]), int(v["height"]), list(v["file_names"]))
         if video.id in videos:
             raise UserError(f"{path}: duplicate video id {video.id}")

@@ -103,13 +103,16 @@ def _frame_rle(seg, height, width, t):
         raise _Bad(f"frame {t}: RLE size {list(size)} differs from the video size "
                    f"[{height}, {width}]")
     counts = seg["counts"]
+    if not (isinstance(counts, (str, bytes)) or (isinstance(counts, list) and all(_is_int(c) for c in counts))):
+        raise _Bad(f"frame {t}: RLE counts must be a string")
+    problem = ytvis_format.rle_problem(counts, height, width)
+    if problem:
+        raise _Bad(f"frame {t}: invalid RLE ({problem})")
     if isinstance(counts, str):
-        return {"size": [height, width], "counts": counts.encode("ascii", "replace")}
+        return {"size": [height, width], "counts": counts.encode("ascii")}
     if isinstance(counts, bytes):
         return {"size": [height, width], "counts": counts}
-    if isinstance(counts, list) and all(_is_int(c) for c in counts):  # uncompressed RLE
-        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    raise _Bad(f"frame {t}: RLE counts must be a string")
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)  # uncompressed
 
 
 def _check_entry(index, entry, gt, category_ids):
