@@ -82,6 +82,9 @@ def calibrate(model_dir, out_dir, data=DEFAULT_DATA, method=Q.DEFAULT_METHOD, cl
     cache_header = cache_lib.header(version, cache_algorithm)  # validates both before the long work
     manifest = manifest_lib.load(model_dir)
     source = data_lib.resolve_source(data)
+    if evaluate_split:  # before the calibration, not after it
+        from efficientvis.calibration.evaluate import check_split
+        check_split(evaluate_split, "--evaluate")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and _same_dir(out_dir, model_dir):

@@ -15,7 +15,7 @@ prints one row per model: AP, AP50, AR10, ms per clip in the backend, clips/s.
 from __future__ import annotations
 
 import argparse
-
+import os
 import sys
 import time
 
@@ -43,12 +43,15 @@ class _Timed:
         return out
 
 
-def _split(path):
+def check_split(path, option="split"):
+    """A YouTube-VIS split folder to evaluate on, or one line naming `option`."""
     from efficientvis.calibration.data import resolve_source
 
+    if not os.path.exists(path):
+        raise UserError(f"{option} {path}: not found")
     source = resolve_source(path)
     if source.kind != "ytvis":
-        raise UserError(f"{path}: evaluation needs a YouTube-VIS split folder (annotations.json + JPEGImages)")
+        raise UserError(f"{option} {path}: evaluation needs a YouTube-VIS split folder (annotations.json + JPEGImages)")
     return source
 
 
@@ -61,7 +64,7 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None, tensorrt_form=
     from efficientvis.ytvis import metric
     from efficientvis.ytvis.format import Dataset
 
-    source = _split(split)
+    source = check_split(split)
     gt = ytvis_format.load(source.annotations)
     ids = sorted(gt.videos)[:max_videos] if max_videos else sorted(gt.videos)
     if len(ids) != len(gt.videos):

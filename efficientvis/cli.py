@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from efficientvis import __version__
-from efficientvis.errors import UserError
+from efficientvis.errors import UserError, one_line
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     try:
         return int(module.run(args) or 0)
     except UserError as e:
-        print(f"evis {name}: error: {e}", file=sys.stderr)
+        print(f"evis {name}: error: {one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"evis {name}: interrupted", file=sys.stderr)

@@ -41,6 +41,8 @@ import io
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -617,9 +619,6 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
                  max_clip=None, min_size=MIN_SIZE, max_size=None, simplify=False, verify=True,
                  log=print) -> dict:
     """Export a checkpoint to MODEL_DIR; returns the manifest dict (also written to disk)."""
-    import onnx
-    import torch
-
     from efficientvis.training.infer import inference_clip_length, load_model
 
     if roi_form not in ROI_FORMS:
@@ -631,9 +630,7 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
         raise UserError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses opsets "
                         f"up to 20), got {opset}")
     model, cfg, class_names = load_model(checkpoint, "cpu")
-    mc = cfg.model
-    N, C, K, M = mc.num_queries, mc.hidden_dim, mc.num_classes, mc.num_iterations
-    mask_size = 2 * mc.mask_pooler_size
+    K = cfg.model.num_classes
     max_clip = inference_clip_length(cfg) if max_clip is None else int(max_clip)
     if max_clip < 1:
         raise UserError(f"--max-clip must be >= 1, got {max_clip}")
@@ -649,9 +646,38 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     category_ids = _category_ids(checkpoint, K)
     axes = axis_ranges(max_clip, cfg.data.test_size, max_size, min_size)
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; give a folder")
     os.makedirs(out_dir, exist_ok=True)
+    # everything is written to a staging folder inside out_dir (same file system) and moved into
+    # place at the end: an export that fails or is interrupted leaves the previous one as it was
+    final_dir, out_dir = out_dir, tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        return _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, opset, simplify,
+                            verify, max_clip, max_size, min_size, class_names, category_ids, axes, log)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _publish(staging, out_dir):
+    """The staged export replaces the one in out_dir: the old export's files go (manifest first),
+    the new ones come in (manifest last), other files in out_dir stay."""
     _clean(out_dir)
-    log(f"exporting {checkpoint} -> {out_dir} (opset {opset}, RoIAlign as "
+    names = sorted(os.listdir(staging), key=lambda n: n == manifest_lib.FILENAME)
+    for n in names:
+        os.replace(os.path.join(staging, n), os.path.join(out_dir, n))
+
+
+def _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, opset, simplify, verify,
+                 max_clip, max_size, min_size, class_names, category_ids, axes, log):
+    """export_model's work, written into the staging folder out_dir."""
+    import onnx
+    import torch
+
+    mc = cfg.model
+    N, C, K, M = mc.num_queries, mc.hidden_dim, mc.num_classes, mc.num_iterations
+    mask_size = 2 * mc.mask_pooler_size
+    log(f"exporting {checkpoint} -> {final_dir} (opset {opset}, RoIAlign as "
         f"{ROI_FORMS[roi_form]}, T 1..{max_clip}, "
         f"H/W {min_size}..{max_size})")
     names = G.split_names(M)
@@ -731,7 +757,8 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     if verification is not None:
         data["verification"] = verification
     manifest_lib.write(out_dir, data)
-    log(f"wrote {out_dir}/manifest.json ({len(entries)} graphs, export {data['export_seconds']:.1f} s)")
+    _publish(out_dir, final_dir)
+    log(f"wrote {final_dir}/manifest.json ({len(entries)} graphs, export {data['export_seconds']:.1f} s)")
     return data
 
 

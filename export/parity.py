@@ -706,7 +706,8 @@ def run(args) -> int:
         raise UserError("--clips and --videos must be >= 0")
     tol = tolerances_from_args(args)
     manifest = manifest_lib.load(args.model)
-    model, cfg, class_names = load_model(args.checkpoint, args.device)
+    from efficientvis.training.train import pick_device
+    model, cfg, class_names = load_model(args.checkpoint, pick_device(args.device))
     # a float32 reference on a GPU too: cuDNN's convolutions default to TF32 on Ampere and later
     # (Jetson Orin included), 10-bit mantissas that would be charged to the backends under test
     torch.backends.cudnn.allow_tf32 = False
@@ -724,7 +725,7 @@ def run(args) -> int:
     options.clip_length = args.clip or manifest.clip_length  # what `evis run` runs by default
     top_k = cfg.infer.top_k
     roi_form = manifest.data.get("roi_align", "roialign")
-    reference = TorchBackend(model, torch.device(args.device))
+    reference = TorchBackend(model, next(model.parameters()).device)
 
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     specs = runtime_backends(args.model, args.qdq, args.engines, args.threads, manifest)

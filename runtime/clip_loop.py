@@ -11,9 +11,12 @@ A backend holds the recurrent tracklet queries itself (on its device) and expose
 Every clip's frames are emitted as soon as the clip is done (delay: one clip).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from efficientvis.errors import UserError
 
 from efficientvis.runtime.postprocess import paste_mask, scale_boxes, sigmoid
 from efficientvis.runtime.preprocess import preprocess_frames
@@ -51,6 +54,16 @@ class LoopOptions:
     num_iterations: int = 0  # 0: all
     background_threshold: float = 0.2
     reset_after: int = 3
+
+    def __post_init__(self):
+        """Values that would run and silently give wrong results are refused (infer.* names)."""
+        checks = [("clip_length", self.clip_length >= 1), ("num_iterations", self.num_iterations >= 0),
+                  ("reset_after", self.reset_after >= 1),
+                  ("background_threshold", 0.0 <= self.background_threshold <= 1.0)]  # False for NaN
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"infer.{name} = {getattr(self, name)!r} is out of range (clip_length, "
+                                f"reset_after >= 1; num_iterations >= 0; background_threshold in [0, 1])")
 
 
 def clip_frames(frames, clip_length):

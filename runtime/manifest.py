@@ -110,11 +110,31 @@ class Manifest:
         manifest's T; num_iterations None: the manifest's infer.num_iterations, 0: all stages."""
         from efficientvis.runtime.clip_loop import LoopOptions
         if num_iterations is None:
-            num_iterations = int(self.infer.get("num_iterations") or 0)
+            num_iterations = self.infer_value("num_iterations", int, 0)
         return LoopOptions(clip_length=clip_length or self.clip_length, size=self.test_size,
                            max_size=self.max_size, num_iterations=num_iterations,
-                           background_threshold=float(self.infer.get("background_threshold", 0.2)),
-                           reset_after=int(self.infer.get("reset_after", 3)))
+                           background_threshold=self.infer_value("background_threshold", float, 0.2),
+                           reset_after=self.infer_value("reset_after", int, 3))
+
+    @property
+    def top_k(self) -> int:
+        top_k = self.infer_value("top_k", int, 10)
+        if top_k < 1:
+            raise UserError(f"{self.model_dir}/manifest.json: infer.top_k must be >= 1, got {top_k}")
+        return top_k
+
+    def infer_value(self, key, kind, default):
+        """manifest.json's infer.<key> as `kind` (int or float), or one line naming it."""
+        value = self.infer.get(key)
+        if value is None:
+            return default
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{self.model_dir}/manifest.json: infer.{key} must be a number, got "
+                            f"{value!r}") from None
 
     @property
     def onnxruntime_only(self) -> bool:

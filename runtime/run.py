@@ -34,6 +34,7 @@ from efficientvis.runtime import manifest as manifest_lib
 from efficientvis.runtime.sources import open_source
 from efficientvis.runtime.trt_backend import is_engine_dir
 from efficientvis.ytvis.clips import resized_shape
+from efficientvis.ytvis.results import check_output_file
 
 MIN_INPUT_SIDE = 32  # one cell of the coarsest feature map (P5, stride 32), if the manifest says nothing
 
@@ -100,7 +101,8 @@ class TimedBackend:
 
 
 def _check_positive(value, name, upper=None):
-    if value < 0 or (upper is not None and value > upper):
+    """0 is the option's default; negative, NaN or infinite values are refused."""
+    if not 0 <= value < float("inf") or (upper is not None and value > upper):
         raise UserError(f"{name} must be " + (f"1..{upper}" if upper else ">= 1") + f", got {value}")
 
 
@@ -130,6 +132,10 @@ class Outputs:
     def __init__(self, args, info, manifest):
         self.parts = []
         self.video = self.tracks = self.results = self.window = None
+        results_path = None if (info.is_live or args.no_results) else os.path.join(args.out, "results.json")
+        if results_path:  # both checked before any output file is created
+            top_k = manifest.top_k
+            check_output_file(results_path, "results file")
         out_mod.make_parent(os.path.join(args.out, "tracks.jsonl"), "output folder")
         self.class_names = manifest.class_names
         self.tracks = out_mod.TracksJsonl(os.path.join(args.out, "tracks.jsonl"),
@@ -138,10 +144,8 @@ class Outputs:
             ext = out_mod.VIDEO_FORMATS[args.video_format][0]
             self.video = out_mod.OverlayVideo(os.path.join(args.out, "overlay" + ext),
                                               args.fps or info.fps, info.size, args.video_format)
-        if not (info.is_live or args.no_results):
-            top_k = int(manifest.infer.get("top_k", 10))
-            self.results = out_mod.VideoResults(os.path.join(args.out, "results.json"),
-                                                manifest.num_classes, manifest.category_ids,
+        if results_path:
+            self.results = out_mod.VideoResults(results_path, manifest.num_classes, manifest.category_ids,
                                                 args.video_id, top_k)
         if args.show:
             self.window = out_mod.LiveWindow()
@@ -190,6 +194,8 @@ def run(args) -> int:
     _check_positive(args.stages, "--stages")
     _check_positive(args.clip, "--clip")
     _check_positive(args.max_frames, "--max-frames")
+    _check_positive(args.fps, "--fps")
+    _check_positive(args.threads, "--threads")
     if not os.path.isdir(args.model):
         raise UserError(f"model folder not found: {args.model}")
     # the model first: a missing or corrupt model fails before the camera is opened
@@ -220,10 +226,11 @@ def _run_dataset(args, manifest, clip_length):
     backend = build_backend(args, manifest)
     out_path = os.path.join(args.out, "results.json")
     out_mod.make_parent(out_path, "output folder")
+    check_output_file(out_path, "results file")
     start = time.perf_counter()
     try:
         run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages), out_path,
-                    manifest.num_classes, gt.category_ids, int(manifest.infer.get("top_k", 10)),
+                    manifest.num_classes, gt.category_ids, manifest.top_k,
                     _make_linker(args, manifest))
     finally:
         if hasattr(backend, "close"):

@@ -306,7 +306,7 @@ def open_source(spec, *, fps=None, capture_factory=None, max_reconnects=5, backo
                 max_backoff=max_backoff, sleep=sleep)
 
     csi = re.fullmatch(r"csi://(\d+)", spec)
-    if csi or "!" in spec:
+    if csi or ("!" in spec and not os.path.exists(spec)):  # an existing file named "a!b.mp4" is a file
         pipeline = csi_pipeline(int(csi.group(1))) if csi else spec
         if not gstreamer_available(build_information):
             raise UserError(f"{spec}: a GStreamer source needs OpenCV built with GStreamer, and this "

@@ -289,6 +289,11 @@ def test_stages_stay_fp32_by_default(exported, tmp_path):
         assert int8 == {g: not g.startswith("stage_") for g in GRAPHS}
     with pytest.raises(UserError, match="cannot be combined with --quantize-stages"):
         calibrate(exported["model_dir"], out, data=exported["data"], quantize_all=True, quantize_stages=True)
+    # a wrong --evaluate split is refused before the calibration runs, naming --evaluate
+    fresh = str(tmp_path / "not_written")
+    with pytest.raises(UserError, match=r"^--evaluate .*nowhere: not found"):
+        calibrate(exported["model_dir"], fresh, data=exported["data"], evaluate_split=str(tmp_path / "nowhere"))
+    assert not os.path.exists(fresh)
 
 
 def test_grouped_roialign_export_calibrates_for_onnx_runtime(exported, tmp_path):

@@ -457,6 +457,26 @@ def test_export_cli_errors(checkpoint_path, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "b" / "manifest.json")
 
 
+def test_an_interrupted_re_export_keeps_the_previous_export(checkpoint_path, exported, tmp_path, monkeypatch):
+    """The export is staged and moved into place at the end: Ctrl-C during a re-export (here in
+    the first graph's torch.onnx.export) leaves the earlier export whole and no staging folder."""
+    previous = str(tmp_path / "model")
+    shutil.copytree(exported[0], previous)
+    before = sorted(os.listdir(previous))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        E.export_model(checkpoint_path, previous, log=lambda m: None)
+    assert sorted(os.listdir(previous)) == before
+    manifest_lib.load(previous)  # every file still matches its sha256
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        E.export_model(checkpoint_path, str(tmp_path / "file"), log=lambda m: None)
+
+
 def test_simplify_keeps_outputs(exported):
     """--simplify (onnxslim, optional): fewer nodes, same outputs, same interface."""
     pytest.importorskip("onnxslim")

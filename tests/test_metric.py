@@ -501,6 +501,11 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert list(metrics) == list(METRIC_NAMES) and metrics["AP"] == 1.0 and metrics["APl"] == -1
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temp file left
+    # a folder where the JSON should go: one line before anything is computed
+    capsys.readouterr()
+    assert main(["eval", "--gt", gt_path, "--results", res_path, "--json", str(tmp_path)]) == 1
+    err = capsys.readouterr()
+    assert f"--json {tmp_path} is a folder; give a file path" in err.err and "Average" not in err.out
 
 
 @pytest.mark.parametrize("case", ["bad_entry", "missing", "not_json"])

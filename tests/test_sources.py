@@ -37,6 +37,13 @@ def test_video_file(tmp_path):
     assert means == sorted(means) and abs(means[5] - 50) < 8  # frames in order (lossy codec)
 
 
+def test_a_file_whose_name_has_a_bang_is_a_file_not_a_pipeline(tmp_path):
+    path = tmp_path / "take!2.mp4"  # "!" separates GStreamer elements, but this file exists
+    _write_video(path, _frames(3))
+    src = open_source(str(path))
+    assert src.info.kind == "file" and len(list(src)) == 3
+
+
 def test_image_folder_sorted_and_unreadable_skipped(tmp_path):
     for i in (2, 0, 1, 3):
         cv2.imwrite(str(tmp_path / f"{i:05d}.png"), np.full((20, 30, 3), 40 * i, np.uint8))

@@ -378,3 +378,39 @@ def test_overfits_two_short_videos(tmp_path):
     # as a 1-px arc. On 128x213 frames (session 11): AP 0.950 (AP50 = AP75 = 1.0) in 1 min 36 s.
     assert float(metrics["AP50"]) >= 0.99 and float(metrics["AP75"]) >= 0.99, metrics
     assert float(metrics["AP"]) >= 0.90, metrics
+
+
+def test_infer_refuses_bad_options_before_any_work(tmp_path, capsys):
+    """Each is one line and exit 1 before a video is read (the data paths here do not exist)."""
+    ckpt = os.path.join(os.path.dirname(__file__), "..", "models", "tiny", "tiny.pt")
+    base = ["infer", "--checkpoint", ckpt, "--data", str(tmp_path / "none"), "--ann", str(tmp_path / "none.json")]
+    out = ["--out", str(tmp_path / "r.json")]
+    cases = [(["--device", "gpu", *out], "--device must be auto, cpu or cuda, got 'gpu'"),
+             (["--threads", "-2", *out], "--threads must be >= 0"),
+             (["--out", str(tmp_path)], "is a folder; give a file path"),
+             ([*out, "--set", "infer.top_k=-1"], "infer.top_k must be >= 1, got -1"),
+             ([*out, "--set", "infer.background_threshold=.nan"], "infer.background_threshold = nan is out of range"),
+             ([*out, "--set", "infer.reset_after=0"], "infer.reset_after = 0 is out of range"),
+             ([*out, "--set", "infer.num_iterations=99"], "at most the model's 3 iterations, got 99")]
+    for extra, message in cases:
+        assert main(base + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_a_data_loader_workers_error_is_one_line():
+    """torch re-raises a worker's UserError with the worker's traceback in its message: `evis
+    train` prints only the message (the frame at fault), as without workers."""
+    from efficientvis.errors import one_line
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise UserError("video 3 frame 5 (v3/00005.jpg): image is 160x96, not 320x192")
+
+    with pytest.raises(UserError) as e:
+        list(torch.utils.data.DataLoader(Broken(), num_workers=1))
+    assert "Traceback" in str(e.value)
+    assert one_line(e.value) == "video 3 frame 5 (v3/00005.jpg): image is 160x96, not 320x192"

@@ -58,6 +58,11 @@ def inference_clip_length(cfg):
 
 
 def loop_options(cfg):
+    if cfg.infer.top_k < 1:
+        raise UserError(f"infer.top_k must be >= 1, got {cfg.infer.top_k}")
+    if cfg.infer.num_iterations > cfg.model.num_iterations:
+        raise UserError(f"infer.num_iterations must be at most the model's {cfg.model.num_iterations} "
+                        f"iterations, got {cfg.infer.num_iterations}")
     return LoopOptions(clip_length=inference_clip_length(cfg), size=cfg.data.test_size,
                        max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
                        background_threshold=cfg.infer.background_threshold,
@@ -101,11 +106,17 @@ def add_arguments(p):
 
 
 def run(args):
+    from efficientvis.training.train import pick_device
+    from efficientvis.ytvis.results import check_output_file
+
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
+    check_output_file(args.out, "--out")  # before the whole split has run
     model, cfg, class_names = load_model(args.checkpoint, device, args.set)
+    loop_options(cfg)  # the infer.* values, checked before the first video
     gt = ytvis_format.load(args.ann)
     check_class_names(gt, class_names, args.ann, "checkpoint's")
     infer_dataset(model, cfg, gt, args.data, args.out, device)

@@ -105,7 +105,8 @@ def _rank0(value, world, device):
     return int(agreed)
 
 
-def _device(choice, local_rank):
+def pick_device(choice, local_rank=0):
+    """--device auto | cpu | cuda -> torch.device, or one line saying why not."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
@@ -113,6 +114,8 @@ def _device(choice, local_rank):
             raise UserError("--device cuda: no CUDA device is available to torch")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    if choice != "cpu":
+        raise UserError(f"--device must be auto, cpu or cuda, got {choice!r}")
     return torch.device("cpu")
 
 
@@ -266,7 +269,7 @@ def run(args):
         cfg.data.root = args.data
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _device(args.device, local_rank)
+    device = pick_device(args.device, local_rank)
     if world > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.train.seed)

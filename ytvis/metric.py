@@ -39,7 +39,7 @@ from pycocotools import mask as mask_utils
 
 from efficientvis.errors import UserError
 from efficientvis.ytvis import format as ytvis_format
-from efficientvis.ytvis.results import write_json_atomic
+from efficientvis.ytvis.results import check_output_file, write_json_atomic
 
 # Built exactly as the official / pycocotools Params (the float values matter at equality:
 # IOU_THRESHOLDS[8] is 0.8999999999999999 and RECALL_THRESHOLDS[70] is 0.7000000000000001).
@@ -426,6 +426,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")
     gt = ytvis_format.load(args.gt)
     results = ytvis_format.read_json(args.results, "results file")
     metrics = evaluate(gt, results, args.results)

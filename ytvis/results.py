@@ -120,10 +120,23 @@ def rank_tracks(scores, top_k: int = 10) -> list:
     return [divmod(int(flat), scores.shape[1]) for flat in order]
 
 
+def check_output_file(path: str, what: str = "output file") -> None:
+    """Fail before any work when a file cannot be written at `path` (a folder there, or a file
+    where its folder should be), instead of after a whole run."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str):
     """A text file to write at `path` through a temporary file in the same folder + fsync +
     os.replace: `path` is either left as it was or complete, never half written."""
+    check_output_file(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
