@@ -53,10 +53,17 @@ def run_dataset(backend, gt, image_root, options, out_path, num_classes, categor
                 make_linker=None, progress=True):
     """Every video of `gt` (a format.Dataset) -> YouTube-VIS results at out_path, written video by
     video (atomic: an interrupted run leaves the videos done so far, never a half file)."""
-    with ResultsWriter(out_path) as writer:
-        for video in tqdm(list(gt.videos.values()), desc="videos", disable=not progress, dynamic_ncols=True):
-            linker = make_linker() if make_linker else None
-            with run_video(backend, video_frames(video, image_root), video.length, options,
-                           num_classes, linker) as collector:
-                writer.add(video.id, collector.results(video.id, category_ids, top_k))
+    writer = ResultsWriter(out_path)
+    try:
+        with writer:
+            for video in tqdm(list(gt.videos.values()), desc="videos", disable=not progress, dynamic_ncols=True):
+                linker = make_linker() if make_linker else None
+                with run_video(backend, video_frames(video, image_root), video.length, options,
+                               num_classes, linker) as collector:
+                    writer.add(video.id, collector.results(video.id, category_ids, top_k))
+    except UserError as e:  # say where the finished videos are
+        if not writer.videos:
+            raise
+        raise UserError(f"{e} (the {writer.videos} finished video(s) are kept in {writer.partial_path}; "
+                        f"`evis eval --gt {gt.path or 'ANNOTATIONS'} --results {writer.partial_path}` scores them)") from None
     return out_path

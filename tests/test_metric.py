@@ -508,6 +508,25 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     assert f"--json {tmp_path} is a folder; give a file path" in err.err and "Average" not in err.out
 
 
+def test_cli_scores_a_partial_results_file_on_its_finished_videos(tmp_path, capsys):
+    """A stopped run leaves OUT.partial (one line per finished video): `evis eval` scores it on
+    those videos only, as if the ground truth held only them."""
+    from efficientvis.ytvis.results import ResultsWriter
+
+    a, b = box(H, W, 0, 2, 0, 2), box(H, W, 3, 4, 3, 5)
+    gt = gt_dict([(1, 1, H, W), (2, 1, H, W)], [track(1, 1, [a]), track(2, 2, [b])])
+    gt_path = _write(tmp_path / "gt.json", gt)
+    writer = ResultsWriter(str(tmp_path / "r.json"))
+    writer.add(1, [det(1, [a], 0.9)])  # video 2 never finished
+    partial = writer.partial_path
+    assert main(["eval", "--gt", gt_path, "--results", partial]) == 0
+    out = capsys.readouterr().out
+    assert "the metric covers its 1 finished video(s) of the 2" in out
+    assert "maxDets=100 ] = 1.0000" in out  # video 1 alone is perfect (with video 2 it would not be)
+    full = run_metric(gt, [det(1, [a], 0.9)])
+    assert full["AP"] < 1.0
+
+
 @pytest.mark.parametrize("case", ["bad_entry", "missing", "not_json"])
 def test_cli_errors_are_one_line(tmp_path, capsys, case):
     a = box(H, W, 0, 2, 0, 2)

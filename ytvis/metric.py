@@ -39,7 +39,7 @@ from pycocotools import mask as mask_utils
 
 from efficientvis.errors import UserError
 from efficientvis.ytvis import format as ytvis_format
-from efficientvis.ytvis.results import check_output_file, write_json_atomic
+from efficientvis.ytvis.results import PARTIAL_SUFFIX, check_output_file, read_partial, write_json_atomic
 
 # Built exactly as the official / pycocotools Params (the float values matter at equality:
 # IOU_THRESHOLDS[8] is 0.8999999999999999 and RECALL_THRESHOLDS[70] is 0.7000000000000001).
@@ -429,7 +429,17 @@ def run(args) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     gt = ytvis_format.load(args.gt)
-    results = ytvis_format.read_json(args.results, "results file")
+    if args.results.endswith(PARTIAL_SUFFIX):  # what a stopped `evis infer` / `evis run --dataset` kept
+        finished, results = read_partial(args.results)
+        missing = [v for v in finished if v not in gt.videos]
+        if missing:
+            raise UserError(f"{args.results}: video_id {missing[0]} is not in {args.gt}")
+        print(f"{args.results}: a partial results file; the metric covers its {len(finished)} finished "
+              f"video(s) of the {len(gt.videos)} in {args.gt}")
+        gt = ytvis_format.Dataset({v: gt.videos[v] for v in finished}, {v: gt.tracks[v] for v in finished},
+                                  gt.categories, gt.path)
+    else:
+        results = ytvis_format.read_json(args.results, "results file")
     metrics = evaluate(gt, results, args.results)
     n_tracks = sum(len(t) for t in gt.tracks.values())
     print(f"YouTube-VIS metric: {len(gt.videos)} videos, {n_tracks} ground-truth tracks, "

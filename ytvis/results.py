@@ -190,6 +190,15 @@ def _video_lines(partial_path: str):
             yield video_id, line[split + len(_RESULTS_START):-len(_LINE_END)]
 
 
+def read_partial(partial_path: str):
+    """A partial file -> (ids of its finished videos, their results as one list)."""
+    video_ids, results = [], []
+    for video_id, text in _video_lines(partial_path):
+        video_ids.append(video_id)
+        results += json.loads("[" + text + "]")
+    return video_ids, results
+
+
 def recover(partial_path: str, path: str = None, remove: bool = True) -> str:
     """Turn a partial file into a results JSON list at `path` (default: the partial path without
     '.partial'), written atomically and streamed (one video's results in memory at a time).
