@@ -93,6 +93,27 @@ def inference_session(ort, path, options, providers, entry=None):
                                 disabled_optimizers=list((entry or {}).get("onnxruntime_disabled_optimizers", [])))
 
 
+def check_interface(session, entry, path, num_queries, num_classes):
+    """The graph has the tensors the manifest names, with its static sizes, and N x K class logits:
+    an edited or mismatched manifest is one line here, not wrong class names or a shape error
+    in the middle of a run."""
+    actual = {t.name: t.shape for t in session.get_inputs() + session.get_outputs()}
+    for t in (entry.get("inputs") or []) + (entry.get("outputs") or []):
+        shape = actual.get(t["name"])
+        if shape is None:
+            raise UserError(f"{path}: the manifest names a tensor {t['name']!r} that the graph does not "
+                            f"have (the graph's: {', '.join(actual)})")
+        declared = t.get("shape") or []
+        if len(declared) != len(shape) or any(isinstance(a, int) and isinstance(b, int) and a != b
+                                              for a, b in zip(declared, shape)):
+            raise UserError(f"{path}: tensor {t['name']} is {shape} in the graph, {declared} in the manifest")
+    logits = actual.get("class_logits")
+    if logits and (logits[0], logits[-1]) != (num_queries, num_classes) and all(
+            isinstance(d, int) for d in (logits[0], logits[-1])):
+        raise UserError(f"{path}: class_logits is {logits} but the manifest says N = {num_queries} "
+                        f"queries and K = {num_classes} classes")
+
+
 def content_key(entry, path):
     """A short key of a graph's content: the manifest's sha256 of its file and external data (the
     file's own hash when the manifest has none)."""
@@ -186,6 +207,7 @@ class OrtBackend:
                 self.sessions[g] = inference_session(ort, files[g], options, providers, entry_of(g))
             except Exception as e:  # noqa: BLE001 - ORT raises its own exception classes
                 raise UserError(f"{files[g]}: ONNX Runtime cannot load it ({one_line(e, 200)})") from None
+            check_interface(self.sessions[g], m.graphs.get(g, {}), files[g], m.num_queries, m.num_classes)
         self.in_use = self.providers_in_use()
         # IO binding keeps tensors on this device between stages and clips ("cuda" for both GPU
         # providers; tests run the same path with "cpu")

@@ -8,6 +8,7 @@ raised so that most slots are foreground and there are tracks to compare.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -204,6 +205,29 @@ def test_same_tracks_as_pytorch_over_a_video(exported, video):
             np.testing.assert_allclose(a.class_probs, b.class_probs, atol=1e-4)
             n_instances += 1
     assert n_instances > 0 and len({i.track_id for r in got for i in r.instances}) >= 2
+
+
+def test_a_manifest_that_does_not_match_its_graphs_is_one_line(exported, tmp_path):
+    """The manifest is not covered by the sha256 checks (it holds them): a tensor it names that
+    the graph lacks, or a class count other than the graphs', is refused when the model loads."""
+    from efficientvis.runtime.ort_backend import OrtBackend
+
+    for name, edit, message in [
+        ("renamed", lambda m: m["graphs"]["stage_0"]["inputs"][0].update(name="p2_renamed"),
+         "the manifest names a tensor 'p2_renamed' that the graph does not have"),
+        ("classes", lambda m: m.update(K=m["K"] + 1, class_names=m["class_names"] + ["extra"],
+                                       category_ids=m["category_ids"] + [99]),
+         "class_logits is [4, 'T', 6] but the manifest says N = 4 queries and K = 7 classes")]:
+        model_dir = str(tmp_path / name)
+        shutil.copytree(exported["model_dir"], model_dir)
+        path = os.path.join(model_dir, "manifest.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        edit(manifest)
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        with pytest.raises(UserError, match=re.escape(message)):
+            OrtBackend(model_dir, threads=1)
 
 
 def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):
