@@ -73,7 +73,7 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None, tensorrt_form=
     backend = _Timed(OrtBackend(model_dir, threads=threads, tensorrt_form=tensorrt_form))
     m = backend.backend.manifest
     options = m.loop_options()
-    top_k = int(m.infer.get("top_k", 10))
+    top_k = m.top_k
     results, started = [], time.perf_counter()
     for vid in ids:
         video = gt.videos[vid]

@@ -819,7 +819,7 @@ def run(args) -> int:
 
     main_flops = flops_at(clip, in_h, in_w)
     specs = _make_specs(args, model, model_dir, manifest, threads)
-    options = (float(manifest.infer.get("background_threshold", 0.2)), int(manifest.infer.get("reset_after", 3)))
+    options = (manifest.infer_value("background_threshold", float, 0.2), manifest.infer_value("reset_after", int, 3))
 
     def _finish_entry(entry, runner, timer):
         """A measured backend's statistics, work and stage sweep; then its --sweep-T/--sweep-size

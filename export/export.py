@@ -68,6 +68,7 @@ MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x
 EXTERNAL_DATA_BYTES = 1536 << 20
 # Verification tolerance (ORT vs PyTorch, float32): |a - b| <= ATOL + RTOL * max|b| per output.
 VERIFY_ATOL, VERIFY_RTOL = 1e-3, 1e-5
+STAGING_PREFIX = ".export-"  # the folder inside MODEL_DIR an export is written to first
 OWN_FILES = re.compile(r"^(backbone|stage_\d+|mask_\d+|model)\.onnx(\.data)?$|^initial_queries\.npy$|^manifest\.json$")
 
 
@@ -472,14 +473,6 @@ def save_graph(onnx_model, model_dir, file_name) -> dict:
     return {**manifest_lib.file_entry(model_dir, file_name), "external_data": extra}
 
 
-def _clean(model_dir):
-    """Remove the files an earlier export wrote here (manifest first)."""
-    names = sorted(os.listdir(model_dir), key=lambda n: n != manifest_lib.FILENAME)
-    for n in names:
-        if OWN_FILES.match(n) and os.path.isfile(os.path.join(model_dir, n)):
-            os.unlink(os.path.join(model_dir, n))
-
-
 # ----------------------------------------------------------------------------------------------
 # verification: ONNX Runtime vs PyTorch at another clip length and frame size
 # ----------------------------------------------------------------------------------------------
@@ -651,7 +644,10 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
     os.makedirs(out_dir, exist_ok=True)
     # everything is written to a staging folder inside out_dir (same file system) and moved into
     # place at the end: an export that fails or is interrupted leaves the previous one as it was
-    final_dir, out_dir = out_dir, tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    for stale in os.listdir(out_dir):  # left by an export that was killed (SIGKILL, power)
+        if stale.startswith(STAGING_PREFIX) and os.path.isdir(os.path.join(out_dir, stale)):
+            shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+    final_dir, out_dir = out_dir, tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     try:
         return _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, opset, simplify,
                             verify, max_clip, max_size, min_size, class_names, category_ids, axes, log)
@@ -660,12 +656,19 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
 
 
 def _publish(staging, out_dir):
-    """The staged export replaces the one in out_dir: the old export's files go (manifest first),
-    the new ones come in (manifest last), other files in out_dir stay."""
-    _clean(out_dir)
-    names = sorted(os.listdir(staging), key=lambda n: n == manifest_lib.FILENAME)
-    for n in names:
+    """The staged export replaces the one in out_dir: the old manifest goes first (a folder caught
+    half way has none, so nothing loads it), the new files replace the old ones, the old export's
+    files the new one lacks go, and the new manifest comes last. Other files in out_dir stay."""
+    manifest = os.path.join(out_dir, manifest_lib.FILENAME)
+    if os.path.exists(manifest):
+        os.unlink(manifest)
+    new = set(os.listdir(staging))
+    for n in sorted(new - {manifest_lib.FILENAME}):
         os.replace(os.path.join(staging, n), os.path.join(out_dir, n))
+    for n in os.listdir(out_dir):
+        if n not in new and OWN_FILES.match(n) and os.path.isfile(os.path.join(out_dir, n)):
+            os.unlink(os.path.join(out_dir, n))
+    os.replace(os.path.join(staging, manifest_lib.FILENAME), manifest)
 
 
 def _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, opset, simplify, verify,

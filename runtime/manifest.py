@@ -129,12 +129,12 @@ class Manifest:
         if value is None:
             return default
         try:
-            if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            if isinstance(value, (bool, str)) or (kind is int and float(value) != int(value)):
                 raise ValueError
             return kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{self.model_dir}/manifest.json: infer.{key} must be a number, got "
-                            f"{value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserError(f"{self.model_dir}/manifest.json: infer.{key} must be "
+                            f"{'a whole number' if kind is int else 'a number'}, got {value!r}") from None
 
     @property
     def onnxruntime_only(self) -> bool:

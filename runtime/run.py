@@ -103,7 +103,8 @@ class TimedBackend:
 def _check_positive(value, name, upper=None):
     """0 is the option's default; negative, NaN or infinite values are refused."""
     if not 0 <= value < float("inf") or (upper is not None and value > upper):
-        raise UserError(f"{name} must be " + (f"1..{upper}" if upper else ">= 1") + f", got {value}")
+        raise UserError(f"{name} must be " + (f"1..{upper}" if upper else "positive") + f" (0: the default), "
+                        f"got {value}")
 
 
 def build_backend(args, manifest, resized=None):
@@ -204,7 +205,7 @@ def run(args) -> int:
     _check_positive(args.clip, "--clip", manifest.clip_length)
     _check_positive(args.stages, "--stages", manifest.num_stages)
     clip_length = args.clip or manifest.clip_length
-    args.stages = args.stages or int(manifest.infer.get("num_iterations") or 0)  # 0: all M
+    args.stages = args.stages or manifest.infer_value("num_iterations", int, 0)  # 0: all M
     if args.fused and args.stages not in (0, manifest.num_stages):
         raise UserError(f"--fused runs all {manifest.num_stages} stages (model.onnx); --stages {args.stages} "
                         f"(anytime inference) needs the split graphs")
@@ -245,7 +246,7 @@ def _run_dataset(args, manifest, clip_length):
 
 def _make_linker(args, manifest):
     return linker_factory(args.linking or manifest.infer.get("linking") or "e2e", manifest.num_queries,
-                          float(manifest.infer.get("background_threshold", 0.2)))
+                          manifest.infer_value("background_threshold", float, 0.2))
 
 
 def _check_input_size(manifest, info):

@@ -463,6 +463,7 @@ def test_an_interrupted_re_export_keeps_the_previous_export(checkpoint_path, exp
     previous = str(tmp_path / "model")
     shutil.copytree(exported[0], previous)
     before = sorted(os.listdir(previous))
+    os.makedirs(os.path.join(previous, E.STAGING_PREFIX + "killed", "stage_0.onnx"))  # a SIGKILLed export's
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -475,6 +476,22 @@ def test_an_interrupted_re_export_keeps_the_previous_export(checkpoint_path, exp
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file; give a folder"):
         E.export_model(checkpoint_path, str(tmp_path / "file"), log=lambda m: None)
+
+
+def test_publishing_a_staged_export_replaces_only_the_exports_files(tmp_path):
+    out, staging = tmp_path / "model", tmp_path / "model" / (E.STAGING_PREFIX + "x")
+    staging.mkdir(parents=True)
+    for name in ("manifest.json", "backbone.onnx", "stage_2.onnx", "mask_2.onnx", "notes.txt"):
+        (out / name).write_text("old")
+    (out / "trt_cache").mkdir()
+    for name in ("manifest.json", "backbone.onnx", "stage_0.onnx", "mask_0.onnx"):
+        (staging / name).write_text("new")
+    E._publish(str(staging), str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [E.STAGING_PREFIX + "x", "backbone.onnx", "mask_0.onnx", "manifest.json", "notes.txt", "stage_0.onnx",
+         "trt_cache"])
+    assert all((out / n).read_text() == "new" for n in ("manifest.json", "backbone.onnx", "stage_0.onnx"))
+    assert (out / "notes.txt").read_text() == "old" and not list(staging.iterdir())
 
 
 def test_simplify_keeps_outputs(exported):

@@ -405,10 +405,14 @@ def _small_problem():
      ["entry 1", "frame 0", "invalid RLE", "outside COCO's RLE alphabet"]),
     (lambda a: {**det(1, [a, a], 0.5), "segmentations": [None, {"size": [H, W], "counts": "héllo"}]},
      ["entry 1", "frame 1", "invalid RLE"]),
-    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [H * W + 1]}, None]},
-     ["entry 1", "frame 0", f"runs cover {H * W + 1} pixels, not {H}x{W}"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [H * W - 1]}, None]},
+     ["entry 1", "frame 0", f"runs cover {H * W - 1} pixels, not {H}x{W}"]),
     (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [-5, H * W + 5]}, None]},
-     ["entry 1", "frame 0", "negative run"]),
+     ["entry 1", "frame 0", "negative or longer than the frame"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": [2 ** 70, 5]}, None]},
+     ["entry 1", "frame 0", "negative or longer than the frame"]),
+    (lambda a: {**det(1, [a, a], 0.5), "segmentations": [{"size": [H, W], "counts": ""}, None]},
+     ["entry 1", "frame 0", "runs cover 0 pixels"]),
 ])
 def test_validation_names_the_offending_entry(bad, words):
     gt, a = _small_problem()
@@ -459,6 +463,10 @@ def test_rle_check_accepts_every_pycocotools_encoding_and_rejects_a_wrong_size()
         for form in (counts, counts.decode(), runs):
             assert fmt.rle_problem(form, h, w) is None, (trial, form)
         assert "runs cover" in fmt.rle_problem(counts, h, w + 1)
+    # the runs of "T3T3b1lL0" (15x20) with its -100 sign-padded to 7 characters: the sum is right
+    # in 64 bits, but pycocotools decodes 32-bit ints and would see other runs (and hang in iou)
+    assert fmt.rle_problem("T3T3b1lL0", 15, 20) is None
+    assert "longer than 6 characters" in fmt.rle_problem("T3T3b1llooooO0", 15, 20)
     gt = gt_dict([(1, 1, H, W)], [track(1, 1, [box(H, W, 0, 2, 0, 2)])])
     gt["annotations"][0]["segmentations"] = [{"size": [H, W], "counts": [H * W - 1]}]
     with pytest.raises(UserError, match=r"frame 0 \(v1/00000.jpg\) annotation 1: invalid RLE \(its runs cover 19 pixels"):

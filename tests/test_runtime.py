@@ -228,6 +228,18 @@ def test_a_manifest_that_does_not_match_its_graphs_is_one_line(exported, tmp_pat
             json.dump(manifest, f)
         with pytest.raises(UserError, match=re.escape(message)):
             OrtBackend(model_dir, threads=1)
+    # manifest infer values of the wrong type or range: one line naming the manifest and the key
+    from efficientvis.runtime import manifest as manifest_lib
+
+    m = manifest_lib.load(exported["model_dir"])
+    for key, value, message in [("num_iterations", "two", "infer.num_iterations must be a whole number"),
+                                ("num_iterations", 2.5, "infer.num_iterations must be a whole number"),
+                                ("reset_after", float("inf"), "infer.reset_after must be a whole number"),
+                                ("background_threshold", float("nan"), "infer.background_threshold = nan"),
+                                ("top_k", 0, "infer.top_k must be >= 1")]:
+        m.infer = {key: value}
+        with pytest.raises(UserError, match=re.escape(message)):
+            m.loop_options(), m.top_k
 
 
 def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):

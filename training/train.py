@@ -297,7 +297,7 @@ def run(args):
 
     # the weight average lives on rank 0 only, which validates and saves it
     ema = None
-    if cfg.train.ema_decay > 0 and main:
+    if cfg.train.ema_decay != 0 and main:  # NaN or negative: ModelEMA says so
         ema = ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_warmup_steps)
     scored = model if ema is None else ema.module  # validated and saved as final.pt
     step, budget_total = 0, 0

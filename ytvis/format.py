@@ -91,6 +91,8 @@ def rle_problem(counts, height: int, width: int):
     0x20 continues the number, the last character's 0x10 is its sign, and from the fourth count
     on each is stored as the difference to the count two before it."""
     if isinstance(counts, list):
+        if any(not 0 <= c <= height * width for c in counts):  # also before int64 could overflow
+            return "its counts hold a run that is negative or longer than the frame"
         runs = np.asarray(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
     else:
         if isinstance(counts, str):
@@ -104,9 +106,11 @@ def rle_problem(counts, height: int, width: int):
         if values.size and values[-1] & 0x20:
             return "its counts end in the middle of a number"
         ends = np.flatnonzero((values & 0x20) == 0)
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        if ends.size and (ends - starts).max() >= 12:  # 60 bits: no real count is that long
-            return "its counts hold a number too long for a mask"
+        starts = np.concatenate([[0], ends[:-1] + 1]) if ends.size else ends
+        # pycocotools decodes into a 32-bit int: from the 7th character of a number on its value
+        # differs from this one (and it writes 7 only for counts of 2^29 pixels and more)
+        if ends.size and (ends - starts).max() >= 6:
+            return "its counts hold a number longer than 6 characters"
         position = np.arange(values.size) - np.repeat(starts, ends - starts + 1)
         parts = (values & 0x1F) << (5 * position)
         runs = np.add.reduceat(parts, starts) if ends.size else np.zeros(0, np.int64)
@@ -117,6 +121,8 @@ def rle_problem(counts, height: int, width: int):
                 runs[first - 2::2][1:] = np.cumsum(runs[first - 2::2])[1:]
     if runs.size and runs.min() < 0:
         return "its counts hold a negative run"
+    if runs.size and runs.max() > height * width:
+        return "its counts hold a run longer than the frame"
     if int(runs.sum()) != height * width:
         return f"its runs cover {int(runs.sum())} pixels, not {height}x{width} = {height * width}"
     return None
