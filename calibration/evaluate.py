@@ -62,14 +62,12 @@ def evaluate(model_dir, split, threads=0, max_videos=0, log=None, tensorrt_form=
     from efficientvis.runtime.ort_backend import OrtBackend
     from efficientvis.ytvis import format as ytvis_format
     from efficientvis.ytvis import metric
-    from efficientvis.ytvis.format import Dataset
 
     source = check_split(split)
     gt = ytvis_format.load(source.annotations)
     ids = sorted(gt.videos)[:max_videos] if max_videos else sorted(gt.videos)
     if len(ids) != len(gt.videos):
-        gt = Dataset({v: gt.videos[v] for v in ids}, {v: gt.tracks.get(v, []) for v in ids if v in gt.tracks},
-                     gt.categories, gt.path)
+        gt = gt.subset(ids)
     backend = _Timed(OrtBackend(model_dir, threads=threads, tensorrt_form=tensorrt_form))
     m = backend.backend.manifest
     options = m.loop_options()

@@ -397,9 +397,7 @@ def _data(args, num_classes, class_names):
     ids = list(gt.videos)[: args.videos or None]
     if not ids:
         raise UserError(f"{ann}: no videos")
-    subset = ytvis_format.Dataset({i: gt.videos[i] for i in ids}, {i: gt.tracks.get(i, []) for i in ids},
-                                  gt.categories, gt.path)
-    return subset, ann, image_root
+    return gt.subset(ids), ann, image_root
 
 
 def _check_pair(model, cfg, manifest, checkpoint, model_dir):

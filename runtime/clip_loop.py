@@ -11,13 +11,11 @@ A backend holds the recurrent tracklet queries itself (on its device) and expose
 Every clip's frames are emitted as soon as the clip is done (delay: one clip).
 """
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from efficientvis.errors import UserError
-
 from efficientvis.runtime.postprocess import paste_mask, scale_boxes, sigmoid
 from efficientvis.runtime.preprocess import preprocess_frames
 from efficientvis.runtime.tracker import SlotTracker

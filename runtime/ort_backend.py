@@ -200,8 +200,8 @@ class OrtBackend:
         for g in graphs:
             # providers this ONNX Runtime lacks are left out (reported below, without ORT's own
             # warnings); one that is there but fails to load falls back to CPU inside ORT
-            providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes,
-                                                    content_key(entry_of(g), files[g]))
+            content = content_key(entry_of(g), files[g]) if provider == "tensorrt" else None
+            providers = [p for p in self._providers(g, fp16, int8, cache_dir, profile_shapes, content)
                          if (p[0] if isinstance(p, tuple) else p) in available]
             try:
                 self.sessions[g] = inference_session(ort, files[g], options, providers, entry_of(g))

@@ -76,6 +76,11 @@ class Dataset:
     def max_length(self) -> int:
         return max((v.length for v in self.videos.values()), default=0)
 
+    def subset(self, video_ids) -> "Dataset":
+        """The same dataset with only these videos (in this order) and their tracks."""
+        return Dataset({v: self.videos[v] for v in video_ids}, {v: self.tracks.get(v, []) for v in video_ids},
+                       self.categories, self.path)
+
 
 def is_absent(segmentation) -> bool:
     """null, {} and [] mean 'not visible in this frame' (the official code's truthiness rule)."""

@@ -436,8 +436,7 @@ def run(args) -> int:
             raise UserError(f"{args.results}: video_id {missing[0]} is not in {args.gt}")
         print(f"{args.results}: a partial results file; the metric covers its {len(finished)} finished "
               f"video(s) of the {len(gt.videos)} in {args.gt}")
-        gt = ytvis_format.Dataset({v: gt.videos[v] for v in finished}, {v: gt.tracks[v] for v in finished},
-                                  gt.categories, gt.path)
+        gt = gt.subset(finished)
     else:
         results = ytvis_format.read_json(args.results, "results file")
     metrics = evaluate(gt, results, args.results)
