@@ -533,6 +533,10 @@ def test_cli_scores_a_partial_results_file_on_its_finished_videos(tmp_path, caps
     assert "maxDets=100 ] = 1.0000" in out  # video 1 alone is perfect (with video 2 it would not be)
     full = run_metric(gt, [det(1, [a], 0.9)])
     assert full["AP"] < 1.0
+    empty = tmp_path / "e.json.partial"
+    empty.write_text("")
+    assert main(["eval", "--gt", gt_path, "--results", str(empty)]) == 1
+    assert "no finished video yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["bad_entry", "missing", "not_json"])

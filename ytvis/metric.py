@@ -431,6 +431,8 @@ def run(args) -> int:
     gt = ytvis_format.load(args.gt)
     if args.results.endswith(PARTIAL_SUFFIX):  # what a stopped `evis infer` / `evis run --dataset` kept
         finished, results = read_partial(args.results)
+        if not finished:
+            raise UserError(f"{args.results}: no finished video yet (the run stopped in its first video)")
         missing = [v for v in finished if v not in gt.videos]
         if missing:
             raise UserError(f"{args.results}: video_id {missing[0]} is not in {args.gt}")
