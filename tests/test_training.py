@@ -13,8 +13,9 @@ from efficientvis.cli import main
 from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import LossConfig, load_config
-from efficientvis.training.losses import TrackletCriterion, clip_loss_terms
+from efficientvis.training.losses import TrackletCriterion, clip_loss_terms, semantic_loss
 from efficientvis.training.matcher import crop_target_masks, extend_assignment, match_clip
+from efficientvis.training.model import build_model
 from efficientvis.training.train import budgeted_steps, clips_per_sample, lead_clips, lr_factor
 from efficientvis.ytvis import synth
 
@@ -93,6 +94,49 @@ def test_absent_frames_are_background_and_supervise_empty_masks():
     assert terms["class"] > clean["class"] + 1.0
     assert terms["mask_bce"] > clean["mask_bce"] + 1.0
     assert torch.isclose(terms["dice"], clean["dice"])  # dice counts visible frames only
+
+
+def test_semantic_loss_against_a_per_pixel_reference():
+    """model.semantic_head's dense loss: per P2 cell, the target of class k is the fraction of the
+    cell covered by objects of class k; focal loss summed over the valid frames, divided by the
+    positive mass. Checked against a cell-by-cell loop."""
+    target = _target(T=3, H=64, W=96)
+    target["labels"] = torch.tensor([2, 2])  # one class twice: overlaps count once
+    target["masks"][1, 1, 20:40, 20:40] = 1  # overlaps track 0 in frame 1
+    target["frame_valid"] = torch.tensor([True, True, False])
+    K, h, w = 3, 16, 24
+    logits = torch.randn(3, K, h, w, generator=torch.Generator().manual_seed(0))
+    cfg = LossConfig()
+    loss = semantic_loss(logits, [target], cfg)
+
+    total, positive = 0.0, 0.0
+    for t in range(2):  # frame 2 is not valid
+        union = torch.zeros(64, 96)
+        for g in range(2):
+            union = torch.maximum(union, target["masks"][g, t].float())
+        for k in range(K):
+            for i in range(h):
+                for j in range(w):
+                    y = float(union[4 * i:4 * i + 4, 4 * j:4 * j + 4].mean()) if k == 2 else 0.0
+                    p = 1 / (1 + math.exp(-float(logits[t, k, i, j])))
+                    ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+                    p_t = p * y + (1 - p) * (1 - y)
+                    total += (0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2
+                    positive += y
+    assert loss.item() == pytest.approx(total / positive, rel=1e-5)
+
+
+def test_semantic_head_trains_the_backbone_and_stays_out_of_inference():
+    cfg = load_config("tiny", SMALL + ["model.semantic_head=true"])
+    model = build_model(cfg.model).train()
+    frames = torch.randint(0, 255, (1, 4, 3, 64, 96), dtype=torch.uint8)
+    out = model(frames)
+    assert out["semantic_logits"].shape == (4, cfg.model.num_classes, 16, 24)
+    out["semantic_logits"].sum().backward()
+    assert model.backbone.body.conv1.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a lead clip (no loss) and inference skip the head
+        assert "semantic_logits" not in model(frames)
+    assert "semantic_logits" not in model.eval()(frames)
 
 
 def test_varifocal_class_target_is_the_box_iou():
@@ -298,7 +342,6 @@ def test_lead_matching_carries_the_lead_clips_assignment(small_data):
     assignment (extended to tracks the lead clip did not see), not with a fresh matching."""
     from efficientvis.training import train
     from efficientvis.training.dataset import collate
-    from efficientvis.training.model import build_model
 
     cfg = load_config("tiny", SMALL + ["data.lead_clips=1", "loss.denoising_weight=0"])
     cfg.data.root = small_data

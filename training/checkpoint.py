@@ -38,7 +38,7 @@ def check_model_config(ckpt_cfg: ModelConfig, cfg: ModelConfig, path):
     """A checkpoint of another architecture gives one line naming the fields that differ."""
     shape_fields = ["backbone", "backbone_width", "hidden_dim", "num_queries", "num_iterations",
                     "num_classes", "num_heads", "ffn_dim", "dynamic_dim", "pooler_size",
-                    "mask_pooler_size", "attention", "dynamic_conv"]
+                    "mask_pooler_size", "attention", "dynamic_conv", "semantic_head"]
     diffs = [f"{f}: checkpoint {getattr(ckpt_cfg, f)!r} vs config {getattr(cfg, f)!r}"
              for f in shape_fields if getattr(ckpt_cfg, f) != getattr(cfg, f)]
     if diffs:

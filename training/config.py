@@ -40,6 +40,10 @@ class ModelConfig:
     time_shared_queries: bool = False  # True: one embedding per query       (Table 1f)
     dropout: float = 0.0
     prior_prob: float = 0.01
+    # training only: per-pixel class logits on P2 with a dense loss (loss.semantic_weight), so the
+    # backbone gets a gradient at every pixel, not only inside the queries' RoIs (CondInst's
+    # auxiliary semantic loss); never exported, never used at inference
+    semantic_head: bool = False
 
 
 @dataclass
@@ -81,6 +85,7 @@ class LossConfig:
     match_mask: float = 2.0
     denoising_weight: float = 0.0     # > 0: denoising tracklets (training/denoising.py; not in the paper)
     denoising_noise: float = 0.4      # their box noise: centre +- noise * size / 2, size x (1 +- noise)
+    semantic_weight: float = 1.0      # the dense loss of model.semantic_head (when it is on)
 
 
 @dataclass

@@ -99,6 +99,29 @@ def combine(terms, counts, cfg):
     return total, parts
 
 
+def semantic_loss(logits, targets, cfg):
+    """Dense auxiliary loss of model.semantic_head: sigmoid focal loss of every P2 pixel against
+    the fraction of each class's ground-truth mask in it, divided by the positive mass (CondInst).
+
+    logits (B*T, K, h, w); targets: the batch's clip targets, masks (G, T, H, W) padded to the
+    batch frame size (a multiple of h and w). Frames that are not valid do not count.
+    """
+    BT, K, h, w = logits.shape
+    T = BT // len(targets)
+    maps, valid = [], []
+    for target in targets:
+        masks = target["masks"].float()  # (G, T, H, W)
+        onehot = F.one_hot(target["labels"], K).float()  # (G, K)
+        per_class = torch.einsum("gthw,gk->tkhw", masks, onehot).clamp(max=1.0)  # (T, K, H, W)
+        maps.append(F.adaptive_avg_pool2d(per_class, (h, w)))
+        valid.append(target["frame_valid"].float())
+    class_map = torch.cat(maps)  # (B*T, K, h, w)
+    valid = torch.cat(valid)[:, None, None, None]
+    per_pixel = sigmoid_focal_loss(logits, class_map, cfg.focal_alpha, cfg.focal_gamma) * valid
+    positives = (class_map * valid).sum().detach()
+    return per_pixel.sum() / positives.clamp(min=1.0)
+
+
 def _clip_outputs(stage, b):
     return {k: stage[k][b] for k in ("class_logits", "boxes", "mask_logits")}
 

@@ -47,6 +47,12 @@ class EfficientVIS(nn.Module):
         with torch.no_grad():
             self.init_boxes.weight.copy_(initial_box_layout(cfg.num_queries, cfg.init_boxes))
         self.iterations = nn.ModuleList(QueryVideoIteration(cfg) for _ in range(cfg.num_iterations))
+        self.semantic_head = None
+        if cfg.semantic_head:  # training only (see ModelConfig.semantic_head)
+            C = cfg.hidden_dim
+            self.semantic_head = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.ReLU(inplace=True),
+                                               nn.Conv2d(C, cfg.num_classes, 1))
+            nn.init.constant_(self.semantic_head[-1].bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
 
     def features(self, frames):
         """frames (B, T, 3, H, W) uint8/float RGB 0..255 -> FPN maps P2..P5, each (B*T, C, h, w)."""
@@ -92,6 +98,8 @@ class EfficientVIS(nn.Module):
         boxes = self.initial_proposals(image_sizes.float(), T)
         stages = self.iterate(features, queries, boxes, num_iterations, masks or ("all" if self.training else "last"))
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
+        if self.training and self.semantic_head is not None and torch.is_grad_enabled():  # not lead clips
+            out["semantic_logits"] = self.semantic_head(features[0])
         if denoise_boxes is not None:  # training only (training/denoising.py)
             start = self.init_queries.weight.mean(0)  # (C,)
             out["denoise"] = []

@@ -27,7 +27,7 @@ from efficientvis.training import checkpoint
 from efficientvis.training.config import load_config
 from efficientvis.training.denoising import noised_tracklet_boxes
 from efficientvis.training.ema import ModelEMA
-from efficientvis.training.losses import TrackletCriterion
+from efficientvis.training.losses import TrackletCriterion, semantic_loss
 from efficientvis.training.dataset import collate
 from efficientvis.training.model import build_model
 from efficientvis.ytvis.results import atomic_file
@@ -80,6 +80,10 @@ class TrainStep(nn.Module):
                                                             len(out["stages"]))
                 loss = loss + cfg.denoising_weight * dn_loss
                 clip_logs.update(dn_logs, loss=float(loss.detach()))
+            if "semantic_logits" in out:
+                semantic = semantic_loss(out["semantic_logits"], clip["targets"], cfg)
+                loss = loss + cfg.semantic_weight * semantic
+                clip_logs.update(semantic=float(semantic.detach()), loss=float(loss.detach()))
             total = total + loss
             for name, value in clip_logs.items():
                 logs[name] = logs.get(name, 0.0) + value
@@ -430,6 +434,7 @@ def run(args):
                 row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                        "loss": window["loss"] / n,
                        **{p: sum(v for k, v in window.items() if k.startswith(p + "_")) / n for p in LOSS_PARTS},
+                       **({"semantic": window["semantic"] / n} if "semantic" in window else {}),
                        "sec_per_step": (time.time() - t0) / max(1, micro // cfg.train.accumulate)}
                 logger.scalars("train", step, row)
                 micro, window, t0 = 0, {}, time.time()
