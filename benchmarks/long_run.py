@@ -178,6 +178,7 @@ def main(argv=None):
     p.add_argument("--no-results", action="store_true", help="evis run --no-results: no results.json")
     p.add_argument("--linking", choices=LINKING, help="evis run --linking")
     p.add_argument("--clip", type=int, default=0, help="evis run --clip (0: the manifest's T)")
+    p.add_argument("--duplicate-iou", type=float, help="evis run --duplicate-iou")
     args = p.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -195,6 +196,8 @@ def main(argv=None):
         cmd += ["--linking", args.linking]
     if args.clip:
         cmd += ["--clip", str(args.clip)]
+    if args.duplicate_iou is not None:
+        cmd += ["--duplicate-iou", str(args.duplicate_iou)]
     tracks_path = os.path.join(run_dir, "tracks.jsonl")
     if os.path.exists(tracks_path):
         os.remove(tracks_path)

@@ -52,16 +52,19 @@ class LoopOptions:
     num_iterations: int = 0  # 0: all
     background_threshold: float = 0.2
     reset_after: int = 3
+    duplicate_iou: float = 0.0  # > 0: hide duplicate tracks within a clip (hidden_duplicates)
 
     def __post_init__(self):
         """Values that would run and silently give wrong results are refused (infer.* names)."""
         checks = [("clip_length", self.clip_length >= 1), ("num_iterations", self.num_iterations >= 0),
                   ("reset_after", self.reset_after >= 1),
-                  ("background_threshold", 0.0 <= self.background_threshold <= 1.0)]  # False for NaN
+                  ("background_threshold", 0.0 <= self.background_threshold <= 1.0),  # False for NaN
+                  ("duplicate_iou", 0.0 <= self.duplicate_iou <= 1.0)]
         for name, ok in checks:
             if not ok:
                 raise UserError(f"infer.{name} = {getattr(self, name)!r} is out of range (clip_length, "
-                                f"reset_after >= 1; num_iterations >= 0; background_threshold in [0, 1])")
+                                f"reset_after >= 1; num_iterations >= 0; background_threshold, "
+                                f"duplicate_iou in [0, 1])")
 
 
 def clip_frames(frames, clip_length):
@@ -74,6 +77,37 @@ def clip_frames(frames, clip_length):
             clip = []
     if clip:
         yield clip
+
+
+def hidden_duplicates(slots, probs, masks, boxes, height, width, min_iou):
+    """Slots not to output in this clip: greedy NMS over the visible slots by mean score, with the
+    mask IoU of two slots averaged over the clip's frames where both have a mask.
+
+    Two slots on one object trade being the better match from frame to frame, which shows as id
+    flicker (on model O's 3,000-frame run, 411 of 674 id switches happened inside clips). A hidden
+    slot keeps its queries and its track id; it is only left out of this clip's output. Duplicates
+    are extra hypotheses the YouTube-VIS AP rewards, so this is off (0) unless asked for.
+    """
+    slots = sorted(slots, key=lambda n: -float(probs[n].max(-1).mean()))
+    inter = np.zeros((len(slots), len(slots)))
+    count = np.zeros((len(slots), len(slots)))
+    for t in range(probs.shape[1]):
+        pasted = [paste_mask(masks[n, t], boxes[n, t], height, width) for n in slots]
+        area = np.array([m.sum() for m in pasted], np.float64)
+        for i in range(len(slots)):
+            for j in range(i + 1, len(slots)):
+                if area[i] and area[j]:
+                    both = np.logical_and(pasted[i], pasted[j]).sum()
+                    inter[i, j] += both / (area[i] + area[j] - both)
+                    count[i, j] += 1
+    mean_iou = inter / np.maximum(count, 1)
+    kept, hidden = [], set()
+    for j, n in enumerate(slots):
+        if any(mean_iou[i, j] >= min_iou for i in kept):
+            hidden.add(n)
+        else:
+            kept.append(j)
+    return hidden
 
 
 def run_clips(backend, frames, options, linker=None):
@@ -96,9 +130,13 @@ def run_clips(backend, frames, options, linker=None):
             ids, _ = linker.update(probs, boxes, masks, (height, width))
         else:
             ids, reset = tracker.update(probs)
+        visible = [int(n) for n in np.nonzero(ids)[0]]
+        if options.duplicate_iou > 0:
+            hidden = hidden_duplicates(visible, probs, masks, boxes, height, width, options.duplicate_iou)
+            visible = [n for n in visible if n not in hidden]
         for t, frame in enumerate(clip):
             result = FrameResult(index + t, frame)
-            for n in np.nonzero(ids)[0]:
+            for n in visible:
                 mask = paste_mask(masks[n, t], boxes[n, t], height, width)
                 if mask.any():
                     result.instances.append(Instance(int(ids[n]), probs[n, t], boxes[n, t], mask))

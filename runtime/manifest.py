@@ -16,7 +16,7 @@ output mask logits instead of mask_probs, version 2 stage graphs include their m
     class_names [K], category_ids [K]
     preprocessing {dtype, layout, colour, value_range, normalisation {where, mean, std},
                    resize, test_size, max_size, interpolation}
-    infer {top_k, reset_after, background_threshold, linking, num_iterations}
+    infer {top_k, reset_after, background_threshold, linking, num_iterations, duplicate_iou, ...}
     dynamic_axes {axis: {min, opt, max[, expr]}}       T, H, W and the feature-map axes
                                                         H4 = ceil(H/4) ... W32 = ceil(W/32)
     stages ["stage_0", ...], mask_heads ["mask_0", ...]    (stage k's masks: graph mask_k)
@@ -105,16 +105,19 @@ class Manifest:
         M = self.num_stages
         return ["backbone"] + [f"stage_{k}" for k in range(M)] + [f"mask_{k}" for k in range(M)]
 
-    def loop_options(self, clip_length=0, num_iterations=None):
+    def loop_options(self, clip_length=0, num_iterations=None, duplicate_iou=None):
         """The clip loop's settings from the manifest (T, input size, infer{}). clip_length 0: the
-        manifest's T; num_iterations None: the manifest's infer.num_iterations, 0: all stages."""
+        manifest's T; num_iterations None: the manifest's infer.num_iterations, 0: all stages;
+        duplicate_iou None: the manifest's infer.duplicate_iou."""
         from efficientvis.runtime.clip_loop import LoopOptions
         if num_iterations is None:
             num_iterations = self.infer_value("num_iterations", int, 0)
         return LoopOptions(clip_length=clip_length or self.clip_length, size=self.test_size,
                            max_size=self.max_size, num_iterations=num_iterations,
                            background_threshold=self.infer_value("background_threshold", float, 0.2),
-                           reset_after=self.infer_value("reset_after", int, 3))
+                           reset_after=self.infer_value("reset_after", int, 3),
+                           duplicate_iou=(self.infer_value("duplicate_iou", float, 0.0) if duplicate_iou is None
+                                          else duplicate_iou))
 
     @property
     def top_k(self) -> int:

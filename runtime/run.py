@@ -61,6 +61,10 @@ def add_arguments(p):
                    help="e2e: each clip's output queries start the next (the paper; default, or the "
                         "manifest's infer.linking); handcrafted: every clip from q*, tracklets linked by "
                         "box/mask IoU + class (Table 1d baseline; needs scipy)")
+    p.add_argument("--duplicate-iou", type=float, metavar="IOU",
+                   help="hide a track in a clip where a higher-scoring one's mask overlaps it by this "
+                        "mean IoU (less id flicker on overlays and tracks.jsonl; default the manifest's "
+                        "infer.duplicate_iou, 0 = off)")
     p.add_argument("--fused", action="store_true",
                    help="run model.onnx (backbone + all stages in one graph; `evis export --fused`): "
                         "only the last stage's masks are computed, about 2x faster on CPU at the "
@@ -230,7 +234,7 @@ def _run_dataset(args, manifest, clip_length):
     check_output_file(out_path, "results file")
     start = time.perf_counter()
     try:
-        run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages), out_path,
+        run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages, args.duplicate_iou), out_path,
                     manifest.num_classes, gt.category_ids, manifest.top_k,
                     _make_linker(args, manifest))
     finally:
@@ -290,7 +294,7 @@ def _run(args, manifest, source, clip_length):
           f"{type(inner).__name__} on {', '.join(in_use) or '?'}{_graphs_note(inner, manifest)}",
           file=sys.stderr, flush=True)
 
-    options = manifest.loop_options(clip_length, args.stages)
+    options = manifest.loop_options(clip_length, args.stages, args.duplicate_iou)
     make_linker = _make_linker(args, manifest)
     outputs = Outputs(args, info, manifest)
     status = out_mod.StatusLine()

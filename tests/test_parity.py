@@ -249,6 +249,20 @@ def test_evis_run_dataset_gives_the_results_file_of_evis_infer(tiny, tmp_path, c
     assert files["passed"] and e2e["tracks"] == e2e["tracks_reference"] > 0
     assert e2e["class_agreement"] == 1.0 and e2e["mask_iou"] >= 0.99 and abs(e2e["delta_AP"]) <= 1e-3
 
+    # infer.duplicate_iou / --duplicate-iou: the same fewer tracks in both (the slots of this
+    # random model overlap)
+    dedup_ref, dedup_dir = str(tmp_path / "infer_dedup.json"), str(tmp_path / "run_dedup")
+    assert evis(["infer", "--checkpoint", tiny["checkpoint"], "--data", os.path.join(data, "JPEGImages"),
+                 "--ann", os.path.join(data, "annotations.json"), "--out", dedup_ref, "--threads", "1",
+                 "--set", "infer.duplicate_iou=0.3"]) == 0
+    assert evis(["run", "--model", tiny["model_dir"], "--dataset", data, "--out", dedup_dir, "--threads", "1",
+                 "--duplicate-iou", "0.3"]) == 0
+    assert evis(["parity", "--results", os.path.join(dedup_dir, "results.json"), "--reference", dedup_ref,
+                 "--data", data, "--json", report]) == 0
+    with open(report) as f:
+        dedup = json.load(f)["backends"][0]["end_to_end"]
+    assert 0 < dedup["tracks"] == dedup["tracks_reference"] < e2e["tracks"]
+
     # drop every entry of one track (its top-k entries share the masks): track_count breaks
     first = results[0]["segmentations"]
     broken = [r for r in results if not (r["video_id"] == results[0]["video_id"] and r["segmentations"] == first)]

@@ -598,3 +598,29 @@ def test_slot_tracker_keeps_ids_and_resets_after_k_background_clips():
     assert seen[3][0] == [1, 3, 0]
     assert seen[4][0] == [0, 3, 4]  # slot 2's next object: a new id, not 2 again
     assert seen[5][0] == [1, 3, 4]  # slot 0 back after one background clip: same id
+
+
+def test_duplicate_tracks_are_hidden_by_clip_mask_iou():
+    """--duplicate-iou: of two slots whose masks overlap by the threshold's mean IoU over the
+    clip, only the higher-scoring one is output; a slot that overlaps in one frame only, or a
+    different object, stays."""
+    from efficientvis.runtime.clip_loop import hidden_duplicates
+
+    T, S = 3, 8
+    masks = np.zeros((4, T, S, S), np.float32)
+    masks[:, :, 1:7, 1:7] = 1.0  # every slot: a filled square in its box
+    boxes = np.zeros((4, T, 4), np.float32)
+    boxes[0] = boxes[1] = [10, 10, 50, 50]  # slots 0 and 1: one object (IoU 1)
+    boxes[1, 2] = [12, 10, 52, 50]  # ... 0.9 in the last frame: mean IoU 0.97
+    boxes[2] = [100, 10, 140, 50]  # slot 2: elsewhere, except in frame 0 where it covers slot 0
+    boxes[2, 0] = [10, 10, 50, 50]
+    boxes[3] = [60, 60, 90, 90]
+    probs = np.full((4, T, 2), 0.1, np.float32)
+    probs[:, :, 0] = [[0.9], [0.6], [0.5], [0.4]]
+    hidden = hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.5)
+    assert hidden == {1}  # slot 2: IoU 1 in frame 0, 0 after: mean 0.33
+    probs[1, :, 0] = 0.95  # now slot 1 scores higher: slot 0 is the one hidden
+    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.5) == {0}
+    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.99) == set()
+    with pytest.raises(UserError, match="duplicate_iou"):
+        LoopOptions(clip_length=4, size=64, max_size=112, duplicate_iou=1.5)

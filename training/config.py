@@ -129,6 +129,9 @@ class InferConfig:
     linking: str = "e2e"              # e2e (query feedback) | handcrafted (Table 1d)
     num_iterations: int = 0           # 0: all M (anytime inference with fewer)
     clip_length: int = 0              # frames per clip at inference; 0: the trained T (no weight depends on T)
+    # > 0: within a clip, of tracks whose masks overlap by this mean IoU only the highest-scoring is
+    # output (cleaner overlays and tracks.jsonl; costs AP, which rewards duplicates as hypotheses)
+    duplicate_iou: float = 0.0
 
 
 @dataclass

@@ -66,7 +66,7 @@ def loop_options(cfg):
     return LoopOptions(clip_length=inference_clip_length(cfg), size=cfg.data.test_size,
                        max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
                        background_threshold=cfg.infer.background_threshold,
-                       reset_after=cfg.infer.reset_after)
+                       reset_after=cfg.infer.reset_after, duplicate_iou=cfg.infer.duplicate_iou)
 
 
 def infer_dataset(model, cfg, gt, image_root, out_path, device, progress=True, category_ids=None):
