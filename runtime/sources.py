@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from efficientvis.errors import UserError
+from efficientvis.ytvis.format import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NETWORK_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://")
@@ -258,15 +259,23 @@ def _image_files(folder):
                   if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
 
 
+def _read_or_skip(spec, path):
+    """An image of a folder source, or None (logged: the frame is skipped, as a dropped frame)."""
+    try:
+        return read_image(path)
+    except UserError as e:
+        _log(f"source {spec}: {e}; skipped")
+        return None
+
+
 def _open_images(spec, files, kind, fps):
     first = None
     skipped = 0
     for path in files:
-        first = cv2.imread(path, cv2.IMREAD_COLOR)
+        first = _read_or_skip(spec, path)
         if first is not None:
             break
         skipped += 1
-        _log(f"source {spec}: cannot read image {path}; skipped")
     if first is None:
         raise UserError(f"{spec}: none of its {len(files)} image(s) can be read")
     height, width = first.shape[:2]
@@ -278,10 +287,9 @@ def _open_images(spec, files, kind, fps):
         for path in files[skipped + 1:]:
             if source.stopped:
                 return
-            frame = cv2.imread(path, cv2.IMREAD_COLOR)
+            frame = _read_or_skip(spec, path)
             if frame is None:
                 source.dropped += 1
-                _log(f"source {spec}: cannot read image {path}; skipped")
                 continue
             if frame.shape[:2] != (height, width):
                 raise UserError(f"{path}: image is {frame.shape[1]}x{frame.shape[0]}, the first image "

@@ -77,6 +77,20 @@ def test_files_missing_invalid_and_missing_images(tmp_path):
     (tmp_path / "img" / "vid").mkdir(parents=True)
     with pytest.raises(UserError, match=r"video 7 \(vid\) frame 0 \(vid/00000.jpg\): missing image"):
         F.check_images(ds, str(tmp_path / "img"))
+    # a truncated JPEG (cv2.imread would fill the rest with grey) and an empty file: one line each
+    video = ds.videos[7]
+    import cv2
+    image = np.random.default_rng(0).integers(0, 255, (video.height, video.width, 3), np.uint8)
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    path = tmp_path / "img" / video.file_names[0]
+    path.write_bytes(jpeg + b"\0" * 16)  # padding after the end marker is fine
+    assert F.read_frame(str(tmp_path / "img"), video, 0).shape == (video.height, video.width, 3)
+    path.write_bytes(jpeg[:-200])
+    with pytest.raises(UserError, match=r"frame 0 \(vid/00000.jpg\): truncated JPEG .*00000.jpg"):
+        F.read_frame(str(tmp_path / "img"), video, 0)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"frame 0 \(vid/00000.jpg\): cannot decode image"):
+        F.read_frame(str(tmp_path / "img"), video, 0)
 
 
 @pytest.mark.parametrize("change", [

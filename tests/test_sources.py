@@ -48,12 +48,15 @@ def test_image_folder_sorted_and_unreadable_skipped(tmp_path):
     for i in (2, 0, 1, 3):
         cv2.imwrite(str(tmp_path / f"{i:05d}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
     (tmp_path / "00004.jpg").write_bytes(b"not a jpeg")
+    # a JPEG cut off halfway: cv2.imread would decode it with grey where the data stops
+    jpeg = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8))[1].tobytes()
+    (tmp_path / "00005.jpg").write_bytes(jpeg[:len(jpeg) // 2])
     (tmp_path / "notes.txt").write_text("x")
     src = open_source(str(tmp_path), fps=5)
     assert (src.info.kind, src.info.is_live, src.info.fps, src.info.size) == ("folder", False, 5.0, (30, 20))
     frames = list(src)
     assert [int(f[0, 0, 0]) for f in frames] == [0, 40, 80, 120]
-    assert src.dropped == 1
+    assert src.dropped == 2
 
 
 def test_image_folder_of_mixed_sizes_is_an_error(tmp_path):

@@ -266,16 +266,39 @@ def load(path: str) -> Dataset:
     return parse(read_json(path, "annotation file"), path)
 
 
+def read_image(path: str) -> np.ndarray:
+    """An image file as (h, w, 3) uint8 BGR; UserError naming the file if it cannot be read.
+
+    cv2.imread decodes a truncated JPEG with grey where the data stops and only prints libjpeg's
+    warning, so a cut-off download or copy would train and score silently. A JPEG must therefore
+    hold its end-of-image marker (FF D9) near its end (bytes after it, like camera trailers, are
+    allowed; entropy-coded data never holds FF D9).
+    """
+    import cv2  # OpenCV is an extra of the base install
+
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise UserError(f"cannot read image {path} ({e.strerror or e})") from None
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:].tobytes():
+        raise UserError(f"truncated JPEG {path} (no end-of-image marker)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError(f"cannot decode image {path}")
+    return image
+
+
 def read_frame(image_root: str, video: Video, t: int, rgb: bool = True) -> np.ndarray:
     """Frame t of a video as (h, w, 3) uint8 (RGB, or OpenCV's BGR); UserError naming video and frame."""
-    import cv2  # OpenCV is an extra of the base install
+    import cv2
 
     path = os.path.join(image_root, video.file_names[t])
     if not os.path.isfile(path):
         raise UserError(f"{video.describe(t)}: missing image {path}")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"{video.describe(t)}: cannot decode image {path}")
+    try:
+        image = read_image(path)
+    except UserError as e:
+        raise UserError(f"{video.describe(t)}: {e}") from None
     if image.shape[:2] != (video.height, video.width):
         raise UserError(f"{video.describe(t)}: image {path} is {image.shape[1]}x{image.shape[0]} "
                         f"but the annotations say {video.width}x{video.height}")

@@ -96,12 +96,7 @@ def contact_sheet(annotations, out_png, image_root=None, video_file=None, videos
             images = _read_mp4(video_file, set(picks))
         else:
             images = {}
-            for t in picks:
-                path = os.path.join(image_root, video.file_names[t])
-                image = cv2.imread(path, cv2.IMREAD_COLOR)
-                if image is None:
-                    raise UserError(f"{video.describe(t)}: cannot read image {path}")
-                images[t] = image
+            images = {t: ytvis_format.read_frame(image_root, video, t, rgb=False) for t in picks}
         tiles = []
         for j, t in enumerate(picks):
             tile = np.zeros((tile_h, tile_w, 3), np.uint8)
