@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from efficientvis.errors import UserError
-from efficientvis.runtime.postprocess import paste_mask, scale_boxes, sigmoid
+from efficientvis.runtime.postprocess import paste_mask, pixel_box, scale_boxes, sigmoid
 from efficientvis.runtime.preprocess import preprocess_frames
 from efficientvis.runtime.tracker import SlotTracker
 
@@ -94,10 +94,15 @@ def hidden_duplicates(slots, probs, masks, boxes, height, width, min_iou):
     for t in range(probs.shape[1]):
         pasted = [paste_mask(masks[n, t], boxes[n, t], height, width) for n in slots]
         area = np.array([m.sum() for m in pasted], np.float64)
+        pixels = [pixel_box(boxes[n, t], height, width) for n in slots]
         for i in range(len(slots)):
             for j in range(i + 1, len(slots)):
                 if area[i] and area[j]:
-                    both = np.logical_and(pasted[i], pasted[j]).sum()
+                    # a pasted mask is empty outside its box: intersect inside both boxes only
+                    x0, y0 = max(pixels[i][0], pixels[j][0]), max(pixels[i][1], pixels[j][1])
+                    x1, y1 = min(pixels[i][2], pixels[j][2]), min(pixels[i][3], pixels[j][3])
+                    both = np.logical_and(pasted[i][y0:y1, x0:x1], pasted[j][y0:y1, x0:x1]).sum() \
+                        if x1 > x0 and y1 > y0 else 0
                     inter[i, j] += both / (area[i] + area[j] - both)
                     count[i, j] += 1
     mean_iou = inter / np.maximum(count, 1)

@@ -18,11 +18,17 @@ def scale_boxes(boxes, input_size, original_size):
     return boxes * np.array([wo / wi, ho / hi, wo / wi, ho / hi], dtype=boxes.dtype)
 
 
+def pixel_box(box, height, width):
+    """box xyxy (float pixels) -> the integer x0, y0, x1, y1 of the pixels a pasted mask can cover."""
+    x0, y0 = int(np.floor(max(box[0], 0))), int(np.floor(max(box[1], 0)))
+    x1, y1 = int(np.ceil(min(box[2], width))), int(np.ceil(min(box[3], height)))
+    return x0, y0, x1, y1
+
+
 def paste_mask(prob, box, height, width, threshold=0.5):
     """prob (S, S) in [0, 1]; box xyxy (original pixels) -> (height, width) bool mask."""
     mask = np.zeros((height, width), bool)
-    x0, y0 = int(np.floor(max(box[0], 0))), int(np.floor(max(box[1], 0)))
-    x1, y1 = int(np.ceil(min(box[2], width))), int(np.ceil(min(box[3], height)))
+    x0, y0, x1, y1 = pixel_box(box, height, width)
     if x1 <= x0 or y1 <= y0:
         return mask
     bw, bh = max(box[2] - box[0], 1e-3), max(box[3] - box[1], 1e-3)

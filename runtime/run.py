@@ -234,8 +234,8 @@ def _run_dataset(args, manifest, clip_length):
     check_output_file(out_path, "results file")
     start = time.perf_counter()
     try:
-        run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages, args.duplicate_iou), out_path,
-                    manifest.num_classes, gt.category_ids, manifest.top_k,
+        run_dataset(backend, gt, image_root, manifest.loop_options(clip_length, args.stages, args.duplicate_iou),
+                    out_path, manifest.num_classes, gt.category_ids, manifest.top_k,
                     _make_linker(args, manifest))
     finally:
         if hasattr(backend, "close"):
