@@ -106,8 +106,7 @@ def semantic_loss(logits, targets, cfg):
     logits (B*T, K, h, w); targets: the batch's clip targets, masks (G, T, H, W) padded to the
     batch frame size (a multiple of h and w). Frames that are not valid do not count.
     """
-    BT, K, h, w = logits.shape
-    T = BT // len(targets)
+    K, h, w = logits.shape[1:]
     maps, valid = [], []
     for target in targets:
         masks = target["masks"].float()  # (G, T, H, W)
