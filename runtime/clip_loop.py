@@ -80,13 +80,14 @@ def clip_frames(frames, clip_length):
 
 
 def hidden_duplicates(slots, probs, masks, boxes, height, width, min_iou):
-    """Slots not to output in this clip: greedy NMS over the visible slots by mean score, with the
-    mask IoU of two slots averaged over the clip's frames where both have a mask.
+    """{hidden slot: [the kept slots that hide it]} for one clip: greedy NMS over the visible
+    slots by mean score, with the mask IoU of two slots averaged over the clip's frames where both
+    have a mask. A hidden slot is still output in a frame where none of its kept slots has a mask.
 
     Two slots on one object trade being the better match from frame to frame, which shows as id
     flicker (on model O's 3,000-frame run, 411 of 674 id switches happened inside clips). A hidden
-    slot keeps its queries and its track id; it is only left out of this clip's output. Duplicates
-    are extra hypotheses the YouTube-VIS AP rewards, so this is off (0) unless asked for.
+    slot keeps its queries and its track id; it is only left out of the outputs. Duplicates are
+    extra hypotheses the YouTube-VIS AP rewards, so this is off (0) unless asked for.
     """
     slots = sorted(slots, key=lambda n: -float(probs[n].max(-1).mean()))
     inter = np.zeros((len(slots), len(slots)))
@@ -106,10 +107,11 @@ def hidden_duplicates(slots, probs, masks, boxes, height, width, min_iou):
                     inter[i, j] += both / (area[i] + area[j] - both)
                     count[i, j] += 1
     mean_iou = inter / np.maximum(count, 1)
-    kept, hidden = [], set()
+    kept, hidden = [], {}
     for j, n in enumerate(slots):
-        if any(mean_iou[i, j] >= min_iou for i in kept):
-            hidden.add(n)
+        by = [slots[i] for i in kept if mean_iou[i, j] >= min_iou]
+        if by:
+            hidden[n] = by
         else:
             kept.append(j)
     return hidden
@@ -136,14 +138,13 @@ def run_clips(backend, frames, options, linker=None):
         else:
             ids, reset = tracker.update(probs)
         visible = [int(n) for n in np.nonzero(ids)[0]]
-        if options.duplicate_iou > 0:
-            hidden = hidden_duplicates(visible, probs, masks, boxes, height, width, options.duplicate_iou)
-            visible = [n for n in visible if n not in hidden]
+        hidden = (hidden_duplicates(visible, probs, masks, boxes, height, width, options.duplicate_iou)
+                  if options.duplicate_iou > 0 else {})
         for t, frame in enumerate(clip):
             result = FrameResult(index + t, frame)
-            for n in visible:
-                mask = paste_mask(masks[n, t], boxes[n, t], height, width)
-                if mask.any():
+            pasted = {n: paste_mask(masks[n, t], boxes[n, t], height, width) for n in visible}
+            for n, mask in pasted.items():
+                if mask.any() and not any(pasted[k].any() for k in hidden.get(n, ())):
                     result.instances.append(Instance(int(ids[n]), probs[n, t], boxes[n, t], mask))
             yield result
         index += len(clip)

@@ -201,6 +201,8 @@ def run(args) -> int:
     _check_positive(args.max_frames, "--max-frames")
     _check_positive(args.fps, "--fps")
     _check_positive(args.threads, "--threads")
+    if args.duplicate_iou is not None and not 0 <= args.duplicate_iou <= 1:  # False for NaN
+        raise UserError(f"--duplicate-iou must be in [0, 1] (0: off), got {args.duplicate_iou}")
     if not os.path.isdir(args.model):
         raise UserError(f"model folder not found: {args.model}")
     # the model first: a missing or corrupt model fails before the camera is opened
@@ -210,6 +212,7 @@ def run(args) -> int:
     _check_positive(args.stages, "--stages", manifest.num_stages)
     clip_length = args.clip or manifest.clip_length
     args.stages = args.stages or manifest.infer_value("num_iterations", int, 0)  # 0: all M
+    manifest.loop_options(clip_length, args.stages, args.duplicate_iou)  # the manifest's infer values, checked now
     if args.fused and args.stages not in (0, manifest.num_stages):
         raise UserError(f"--fused runs all {manifest.num_stages} stages (model.onnx); --stages {args.stages} "
                         f"(anytime inference) needs the split graphs")

@@ -88,6 +88,15 @@ def test_files_missing_invalid_and_missing_images(tmp_path):
     path.write_bytes(jpeg[:-200])
     with pytest.raises(UserError, match=r"frame 0 \(vid/00000.jpg\): truncated JPEG .*00000.jpg"):
         F.read_frame(str(tmp_path / "img"), video, 0)
+    # the end marker is looked for after the first scan: an EXIF-like thumbnail (a whole JPEG in
+    # APP1) does not make a cut-off main image complete, and megabytes of trailer (motion photos)
+    # after a complete one are fine
+    big = cv2.imencode(".jpg", np.random.default_rng(1).integers(0, 255, (200, 300, 3), np.uint8))[1].tobytes()
+    thumbnail = b"Exif\0\0" + jpeg
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_thumbnail = big[:2] + app1 + big[2:]
+    assert F.jpeg_is_complete(with_thumbnail) and F.jpeg_is_complete(big + b"\0" * 100_000)
+    assert not F.jpeg_is_complete(with_thumbnail[:-300]) and not F.jpeg_is_complete(with_thumbnail[:100])
     path.write_bytes(b"")
     with pytest.raises(UserError, match=r"frame 0 \(vid/00000.jpg\): cannot decode image"):
         F.read_frame(str(tmp_path / "img"), video, 0)

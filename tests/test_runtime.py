@@ -439,6 +439,7 @@ def test_bad_input_is_one_line(exported, video, tmp_path):
     thin.mkdir()
     cv2.imwrite(str(thin / "0.png"), np.zeros((4, 400, 3), np.uint8))
     assert "the exported graphs take 32..112 x 32..112 pixels" in run("--model", model, "--source", str(thin))
+    assert "--duplicate-iou must be in [0, 1]" in run("--model", model, "--source", "7", "--duplicate-iou", "1.5")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,9 +619,47 @@ def test_duplicate_tracks_are_hidden_by_clip_mask_iou():
     probs = np.full((4, T, 2), 0.1, np.float32)
     probs[:, :, 0] = [[0.9], [0.6], [0.5], [0.4]]
     hidden = hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.5)
-    assert hidden == {1}  # slot 2: IoU 1 in frame 0, 0 after: mean 0.33
+    assert hidden == {1: [0]}  # slot 2: IoU 1 in frame 0, 0 after: mean 0.33
     probs[1, :, 0] = 0.95  # now slot 1 scores higher: slot 0 is the one hidden
-    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.5) == {0}
-    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.99) == set()
+    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.5) == {0: [1]}
+    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.99) == {}
+    # only frames where both have a mask count: slot 1 empty in frame 2 -> IoU 1 over frames 0-1
+    masks[1, 2] = 0.0
+    assert hidden_duplicates([0, 1, 2, 3], probs, masks, boxes, 120, 160, min_iou=0.99) == {0: [1]}
     with pytest.raises(UserError, match="duplicate_iou"):
         LoopOptions(clip_length=4, size=64, max_size=112, duplicate_iou=1.5)
+
+
+class _ScriptedModel:
+    """The backend interface (runtime/clip_loop.py) returning fixed outputs: the clip loop's own
+    bookkeeping is what is tested, on outputs chosen by hand."""
+
+    num_queries, clip_length = 2, 3
+
+    def __init__(self, out):
+        self.out = out
+
+    def start_video(self):
+        pass
+
+    def run_clip(self, frames, reset, num_iterations=None):
+        return self.out
+
+
+def test_a_hidden_duplicate_is_output_where_its_kept_slot_has_no_mask():
+    T, S = 3, 8
+    mask_probs = np.zeros((2, T, S, S), np.float32)
+    mask_probs[:, :, 1:7, 1:7] = 1.0
+    mask_probs[0, 2] = 0.0  # the surer slot 0 loses the object in frame 2
+    boxes = np.tile(np.array([8, 8, 40, 40], np.float32), (2, T, 1))
+    logits = np.full((2, T, 3), -5.0, np.float32)
+    logits[0, :, 1], logits[1, :, 1] = 3.0, 1.0  # slot 0: p 0.95, slot 1: p 0.73
+    backend = _ScriptedModel({"class_logits": logits, "boxes": boxes, "mask_probs": mask_probs})
+    frames = [np.zeros((64, 64, 3), np.uint8)] * T
+
+    def ids(duplicate_iou):
+        options = LoopOptions(clip_length=T, size=64, max_size=64, duplicate_iou=duplicate_iou)
+        return [[i.track_id for i in r.instances] for r in run_clips(backend, iter(frames), options)]
+
+    assert ids(0.0) == [[1, 2], [1, 2], [2]]
+    assert ids(0.5) == [[1], [1], [2]]  # slot 1 (id 2) only where slot 0 has no mask

@@ -98,31 +98,35 @@ def test_absent_frames_are_background_and_supervise_empty_masks():
 
 def test_semantic_loss_against_a_per_pixel_reference():
     """model.semantic_head's dense loss: per P2 cell, the target of class k is the fraction of the
-    cell covered by objects of class k; focal loss summed over the valid frames, divided by the
-    positive mass. Checked against a cell-by-cell loop."""
-    target = _target(T=3, H=64, W=96)
-    target["labels"] = torch.tensor([2, 2])  # one class twice: overlaps count once
-    target["masks"][1, 1, 20:40, 20:40] = 1  # overlaps track 0 in frame 1
-    target["frame_valid"] = torch.tensor([True, True, False])
+    cell covered by objects of class k; focal loss summed over the valid frames of every clip of
+    the batch, divided by the positive mass. Checked against a cell-by-cell loop."""
+    first = _target(T=3, H=64, W=96)
+    first["labels"] = torch.tensor([2, 2])  # one class twice: overlaps count once
+    first["masks"][1, 1, 20:40, 20:40] = 1  # overlaps track 0 in frame 1
+    first["frame_valid"] = torch.tensor([True, True, False])
+    second = _target(T=3, H=64, W=96)  # classes 2 and 0
     K, h, w = 3, 16, 24
-    logits = torch.randn(3, K, h, w, generator=torch.Generator().manual_seed(0))
-    cfg = LossConfig()
-    loss = semantic_loss(logits, [target], cfg)
+    logits = torch.randn(6, K, h, w, generator=torch.Generator().manual_seed(0))  # (B*T, K, h, w)
+    loss = semantic_loss(logits, [first, second], LossConfig())
 
     total, positive = 0.0, 0.0
-    for t in range(2):  # frame 2 is not valid
-        union = torch.zeros(64, 96)
-        for g in range(2):
-            union = torch.maximum(union, target["masks"][g, t].float())
-        for k in range(K):
-            for i in range(h):
-                for j in range(w):
-                    y = float(union[4 * i:4 * i + 4, 4 * j:4 * j + 4].mean()) if k == 2 else 0.0
-                    p = 1 / (1 + math.exp(-float(logits[t, k, i, j])))
-                    ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
-                    p_t = p * y + (1 - p) * (1 - y)
-                    total += (0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2
-                    positive += y
+    for b, target in enumerate([first, second]):
+        for t in range(3):
+            if not target["frame_valid"][t]:
+                continue
+            for k in range(K):
+                union = torch.zeros(64, 96)
+                for g in range(len(target["labels"])):
+                    if target["labels"][g] == k:
+                        union = torch.maximum(union, target["masks"][g, t].float())
+                for i in range(h):
+                    for j in range(w):
+                        y = float(union[4 * i:4 * i + 4, 4 * j:4 * j + 4].mean())
+                        p = 1 / (1 + math.exp(-float(logits[3 * b + t, k, i, j])))
+                        ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+                        p_t = p * y + (1 - p) * (1 - y)
+                        total += (0.25 * y + 0.75 * (1 - y)) * ce * (1 - p_t) ** 2
+                        positive += y
     assert loss.item() == pytest.approx(total / positive, rel=1e-5)
 
 

@@ -109,10 +109,13 @@ def semantic_loss(logits, targets, cfg):
     K, h, w = logits.shape[1:]
     maps, valid = [], []
     for target in targets:
-        masks = target["masks"].float()  # (G, T, H, W)
-        onehot = F.one_hot(target["labels"], K).float()  # (G, K)
-        per_class = torch.einsum("gthw,gk->tkhw", masks, onehot).clamp(max=1.0)  # (T, K, H, W)
-        maps.append(F.adaptive_avg_pool2d(per_class, (h, w)))
+        masks, labels = target["masks"], target["labels"]  # (G, T, H, W), (G,)
+        cells = logits.new_zeros((masks.shape[1], K, h, w))
+        present = labels.unique()  # only these classes get a full-resolution union (K can be 40)
+        if len(present):
+            union = torch.stack([masks[labels == c].amax(0) for c in present], 1).float()  # (T, Kp, H, W)
+            cells[:, present] = F.adaptive_avg_pool2d(union, (h, w))
+        maps.append(cells)
         valid.append(target["frame_valid"].float())
     class_map = torch.cat(maps)  # (B*T, K, h, w)
     valid = torch.cat(valid)[:, None, None, None]

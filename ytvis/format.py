@@ -266,13 +266,36 @@ def load(path: str) -> Dataset:
     return parse(read_json(path, "annotation file"), path)
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG holds the end-of-image marker (FF D9) after its first start-of-scan (FF DA).
+
+    The header segments are walked by their lengths, so an EXIF thumbnail's own FF D9 (inside
+    APP1) does not count; coded scan data never holds FF D9, so the first one after the scan ends
+    the main image. Anything after it (camera trailers, motion-photo videos, buffer padding) is
+    allowed.
+    """
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False  # not a marker where one must be: a damaged header
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:
+            return data.find(b"\xff\xd9", i) >= 0
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
 def read_image(path: str) -> np.ndarray:
     """An image file as (h, w, 3) uint8 BGR; UserError naming the file if it cannot be read.
 
     cv2.imread decodes a truncated JPEG with grey where the data stops and only prints libjpeg's
     warning, so a cut-off download or copy would train and score silently. A JPEG must therefore
-    hold its end-of-image marker (FF D9) near its end (bytes after it, like camera trailers, are
-    allowed; entropy-coded data never holds FF D9).
+    hold its end-of-image marker after its first scan (jpeg_is_complete).
     """
     import cv2  # OpenCV is an extra of the base install
 
@@ -280,7 +303,7 @@ def read_image(path: str) -> np.ndarray:
         data = np.fromfile(path, np.uint8)
     except OSError as e:
         raise UserError(f"cannot read image {path} ({e.strerror or e})") from None
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:].tobytes():
+    if data[:2].tobytes() == b"\xff\xd8" and not jpeg_is_complete(data.tobytes()):
         raise UserError(f"truncated JPEG {path} (no end-of-image marker)")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:

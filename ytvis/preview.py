@@ -95,7 +95,6 @@ def contact_sheet(annotations, out_png, image_root=None, video_file=None, videos
         if video_file:
             images = _read_mp4(video_file, set(picks))
         else:
-            images = {}
             images = {t: ytvis_format.read_frame(image_root, video, t, rgb=False) for t in picks}
         tiles = []
         for j, t in enumerate(picks):
