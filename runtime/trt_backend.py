@@ -17,11 +17,13 @@ deserialised. `tensorrt` and `cuda-python` are imported only when a TrtBackend i
 Memory: every I/O tensor has one device buffer (cudaMalloc, grown when a larger shape comes);
 the FPN features and the stage-to-stage queries/proposals never leave the device; the recurrent
 queries live in two device buffers that swap roles every clip (stage_0 reads one, the last stage
-run writes `next_queries` into the other). Only the last stage's class logits, boxes and mask
-probabilities are copied to the host, on one CUDA stream, at the end of the clip (into pageable
-host memory, so each of the three copies waits for the stream).
+run writes `next_queries` into the other). The frames go up, and only the last stage's class
+logits, boxes and mask probabilities come back, through pinned host buffers (cudaMallocHost,
+grown like the device ones), so every copy is queued on the one CUDA stream without the host
+waiting for it: the host waits once per clip, for the results.
 """
 
+import ctypes
 import json
 import os
 
@@ -141,26 +143,40 @@ class _Cuda:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.call(self.rt.cudaMemcpyAsync(array.ctypes.data, src, array.nbytes, kind, stream), "cudaMemcpyAsync D2H")
 
+    def malloc_host(self, nbytes):
+        return int(self.call(self.rt.cudaMallocHost(max(int(nbytes), 1)), "cudaMallocHost"))
+
+    def free_host(self, ptr):
+        self.call(self.rt.cudaFreeHost(ptr), "cudaFreeHost")
+
     def sync(self, stream):
         self.call(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
 
 class _Buffer:
-    """A device allocation that grows to the largest size asked for."""
+    """A device (or, pinned=True, page-locked host) allocation that grows to the largest size
+    asked for."""
 
-    def __init__(self, cuda):
-        self.cuda, self.ptr, self.nbytes = cuda, 0, 0
+    def __init__(self, cuda, pinned=False):
+        self.cuda, self.pinned, self.ptr, self.nbytes = cuda, pinned, 0, 0
 
     def ensure(self, nbytes):
         if nbytes > self.nbytes:
-            if self.ptr:
-                self.cuda.free(self.ptr)
-            self.ptr, self.nbytes = self.cuda.malloc(nbytes), int(nbytes)
+            self.free()
+            alloc = self.cuda.malloc_host if self.pinned else self.cuda.malloc
+            self.ptr, self.nbytes = alloc(nbytes), int(nbytes)
         return self.ptr
+
+    def array(self, shape, dtype):
+        """A numpy view of a pinned buffer (valid until the buffer grows or is freed)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(self.ensure(count * dtype.itemsize))
+        return np.frombuffer(raw, dtype, count).reshape(shape)
 
     def free(self):
         if self.ptr:
-            self.cuda.free(self.ptr)
+            (self.cuda.free_host if self.pinned else self.cuda.free)(self.ptr)
             self.ptr, self.nbytes = 0, 0
 
 
@@ -244,7 +260,7 @@ class TrtBackend:
         self.runtime = trt.Runtime(self.logger)
         self.engines = {n: _Engine(trt, self.runtime, p) for n, p in zip(names, paths)}
         self.stream = self.cuda.call(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers = {}
+        self.buffers, self.host_buffers = {}, {}
         # the recurrent queries: stage 0 reads them in its input type, every last stage writes them
         q_dtype = self.engines["stage_0"].dtypes["init_queries"]
         for k in range(self.num_stages):
@@ -265,6 +281,11 @@ class TrtBackend:
         if key not in self.buffers:
             self.buffers[key] = _Buffer(self.cuda)
         return self.buffers[key].ensure(nbytes)
+
+    def _host_array(self, key, shape, dtype):
+        if key not in self.host_buffers:
+            self.host_buffers[key] = _Buffer(self.cuda, pinned=True)
+        return self.host_buffers[key].array(shape, dtype)
 
     def start_video(self):
         self.current = 0
@@ -289,15 +310,16 @@ class TrtBackend:
         backbone, stage_0 = self.engines["backbone"], self.engines["stage_0"]
         # in the engines' own input types (float32 for `evis build`'s engines, which keep float
         # inputs; a graph converted with float16 inputs gets float16 bytes, not float32 ones)
-        frames = np.ascontiguousarray(frames, backbone.dtypes["frames"])
+        frames = np.asarray(frames)
         T, _, H, W = frames.shape
-        size = np.array([H, W], stage_0.dtypes["image_size"])
-
-        # both uploads before the backbone runs: a copy from pageable host memory waits for the
-        # stream, so image_size queued after the backbone would make the host wait for it
-        addresses = {"frames": self._buffer("frames", frames.nbytes),
+        # staged in pinned memory, so the uploads are queued without the host waiting for them
+        host_frames = self._host_array("frames", frames.shape, backbone.dtypes["frames"])
+        host_frames[...] = frames
+        size = self._host_array("image_size", (2,), stage_0.dtypes["image_size"])
+        size[...] = (H, W)
+        addresses = {"frames": self._buffer("frames", host_frames.nbytes),
                      "image_size": self._buffer("image_size", size.nbytes)}
-        self.cuda.htod(addresses["frames"], frames, self.stream)
+        self.cuda.htod(addresses["frames"], host_frames, self.stream)
         self.cuda.htod(addresses["image_size"], size, self.stream)
         backbone.set_shapes({"frames": frames.shape})
         shapes = {n: backbone.output_shape(n) for n in backbone.outputs}  # p2..p5
@@ -329,17 +351,17 @@ class TrtBackend:
         dtypes = {**engine.dtypes, **mask_head.dtypes}
         result = {}
         for key, name in (("class_logits", "class_logits"), ("boxes", "proposals"), ("mask_probs", "mask_probs")):
-            host = np.empty(shapes[name], dtypes[name])
-            self.cuda.dtoh(host, addresses[name], self.stream)
-            result[key] = host
+            result[key] = self._host_array(name, shapes[name], dtypes[name])
+            self.cuda.dtoh(result[key], addresses[name], self.stream)
         self.cuda.sync(self.stream)
         self.current = 1 - self.current
-        return {k: v.astype(np.float32, copy=False) for k, v in result.items()}
+        # copies: the pinned buffers are overwritten by the next clip
+        return {k: v.astype(np.float32, copy=True) for k, v in result.items()}
 
     def close(self):
-        for b in list(self.buffers.values()) + self.query_buffers:
+        for b in list(self.buffers.values()) + list(self.host_buffers.values()) + self.query_buffers:
             b.free()
-        self.buffers = {}
+        self.buffers, self.host_buffers = {}, {}
         if getattr(self, "stream", None) is not None:
             self.cuda.call(self.cuda.rt.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
             self.stream = None

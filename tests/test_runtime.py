@@ -6,6 +6,7 @@ exported once per session with `evis export` (efficientvis.export.export); its c
 raised so that most slots are foreground and there are tracks to compare.
 """
 
+import ctypes
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import cv2
 import numpy as np
@@ -562,6 +564,211 @@ def test_engine_metadata_check(tmp_path):
         read_engine_metadata(str(engine))
     (tmp_path / "backbone.engine.json").write_text(json.dumps(meta))
     assert read_engine_metadata(str(engine)) == meta and is_engine_dir(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# the TensorRT backend's plumbing on stand-ins: `tensorrt` whose engines are ONNX Runtime sessions
+# of the exported graphs, and `cudart` whose "device" memory is host memory that checks every copy
+# and every tensor address against the allocation it points into
+
+class _StandInCudart:
+    class cudaError_t:  # noqa: N801 - cuda-python's names
+        cudaSuccess = 0
+        cudaErrorInvalidValue = 1
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self):
+        self.ctypes, self.device, self.pinned, self.copies = ctypes, {}, {}, []
+
+    def _alloc(self, table, n):
+        buf = self.ctypes.create_string_buffer(int(n))
+        table[self.ctypes.addressof(buf)] = buf
+        return 0, self.ctypes.addressof(buf)
+
+    def cudaMalloc(self, n):  # noqa: N802
+        return self._alloc(self.device, n)
+
+    def cudaMallocHost(self, n):  # noqa: N802
+        return self._alloc(self.pinned, n)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        return (0,) if self.device.pop(ptr, None) is not None else (self.cudaError_t.cudaErrorInvalidValue,)
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        return (0,) if self.pinned.pop(ptr, None) is not None else (self.cudaError_t.cudaErrorInvalidValue,)
+
+    def inside(self, table, ptr, n):
+        return any(base <= ptr and ptr + n <= base + len(buf) for base, buf in table.items())
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+        device, host = (dst, src) if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else (src, dst)
+        assert self.inside(self.device, device, n), f"copy of {n} bytes outside a device allocation"
+        self.copies.append((kind, self.inside(self.pinned, host, n)))
+        self.ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaGetDevice(self):  # noqa: N802
+        return 0, 0
+
+    def cudaGetDeviceProperties(self, device):  # noqa: N802
+        return 0, types.SimpleNamespace(name=b"Stand-in GPU\x00", major=8, minor=7)
+
+    def cudaGetErrorString(self, err):  # noqa: N802
+        return 0, b"cudaErrorInvalidValue"
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+
+def _stand_in_tensorrt(cudart):
+    """The TensorRT 10 runtime API TrtBackend uses; an engine file holds the graph's ONNX bytes."""
+    import onnxruntime as ort
+
+    class Engine:
+        def __init__(self, onnx_bytes):
+            self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+            self.io = {t.name: ("INPUT", t) for t in self.session.get_inputs()}
+            self.io.update({t.name: ("OUTPUT", t) for t in self.session.get_outputs()})
+            self.num_io_tensors = len(self.io)
+
+        def get_tensor_name(self, i):
+            return list(self.io)[i]
+
+        def get_tensor_mode(self, name):
+            return self.io[name][0]
+
+        def get_tensor_dtype(self, name):
+            return {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,
+                    "tensor(float16)": np.float16}[self.io[name][1].type]
+
+        def create_execution_context(self):
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.shapes, self.addresses, self.output_shapes = engine, {}, {}, {}
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name], self.output_shapes = tuple(shape), {}
+            return True
+
+        def get_tensor_shape(self, name):
+            if not self.output_shapes:  # TensorRT knows them from the input shapes: run on zeros
+                feeds = {n: np.zeros(self.shapes[n], self.engine.get_tensor_dtype(n))
+                         for n, (mode, _) in self.engine.io.items() if mode == "INPUT"}
+                feeds = {n: (np.full_like(v, 64) if n == "image_size" else v) for n, v in feeds.items()}
+                outs = self.engine.session.run(None, feeds)
+                self.output_shapes = {o.name: v.shape for o, v in zip(self.engine.session.get_outputs(), outs)}
+            return self.output_shapes[name]
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def _view(self, name, shape):
+            dtype = np.dtype(self.engine.get_tensor_dtype(name))
+            n = int(np.prod(shape)) * dtype.itemsize
+            ptr = self.addresses[name]
+            assert cudart.inside(cudart.device, ptr, n), f"{name}: {n} bytes outside a device allocation"
+            raw = (ctypes.c_byte * max(n, 1)).from_address(ptr)
+            return np.frombuffer(raw, dtype, int(np.prod(shape))).reshape(shape)
+
+        def execute_async_v3(self, stream):
+            feeds = {n: self._view(n, self.shapes[n]).copy()
+                     for n, (mode, _) in self.engine.io.items() if mode == "INPUT"}
+            outs = self.engine.session.run(None, feeds)
+            for o, value in zip(self.engine.session.get_outputs(), outs):
+                assert value.shape == tuple(self.get_tensor_shape(o.name)), o.name
+                self._view(o.name, value.shape)[...] = value
+            return True
+
+    class Logger:
+        INFO, WARNING = "INFO", "WARNING"
+
+        def __init__(self, level):
+            self.level = level
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            return Engine(plan)
+
+    return types.SimpleNamespace(
+        __version__="10.3.0.26", Logger=Logger, Runtime=Runtime,
+        init_libnvinfer_plugins=lambda logger, namespace: True,
+        TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"), nptype=np.dtype)
+
+
+def test_trt_backend_plumbing_matches_onnxruntime(exported, video, tmp_path, monkeypatch):
+    """TrtBackend's buffers on stand-ins (engines = the exported graphs in ONNX Runtime): the
+    stage-to-stage addresses, the two recurrent query buffers, slot resets, anytime inference and
+    frame-size changes (buffers that grow) give the ONNX Runtime backend's numbers and tracks;
+    every copy stays inside its allocation, frames and results go through pinned host memory, and
+    close() frees everything."""
+    from efficientvis.runtime.ort_backend import OrtBackend
+    from efficientvis.runtime.trt_backend import TrtBackend
+
+    cudart = _StandInCudart()
+    cuda_pkg = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime, cuda_pkg.bindings = cudart, bindings
+    for name, module in (("cuda", cuda_pkg), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart),
+                         ("tensorrt", _stand_in_tensorrt(cudart))):
+        monkeypatch.setitem(sys.modules, name, module)
+    engine_dir = tmp_path / "engines"
+    engine_dir.mkdir()
+    for name in ("manifest.json", "initial_queries.npy"):
+        shutil.copy(os.path.join(exported["model_dir"], name), engine_dir / name)
+    meta = {"tensorrt_version": "10.3.0.26", "gpu_name": "Stand-in GPU", "compute_capability": "8.7",
+            "precision": "fp32"}
+    for g in ("backbone", "stage_0", "stage_1", "mask_0", "mask_1"):
+        shutil.copy(os.path.join(exported["model_dir"], g + ".onnx"), engine_dir / (g + ".engine"))
+        (engine_dir / (g + ".engine.json")).write_text(json.dumps(meta))
+    assert is_engine_dir(str(engine_dir))
+
+    trt_b = TrtBackend(str(engine_dir))
+    ort_b = OrtBackend(exported["model_dir"], threads=1)
+    assert trt_b.providers_in_use() == ["TensorRT fp32"]
+    rng = np.random.default_rng(4)
+    for b in (trt_b, ort_b):
+        b.start_video()
+    for i, (T, H, W, stages) in enumerate([(4, 64, 112, None), (4, 64, 112, 1), (2, 96, 128, None),
+                                           (3, 64, 96, 2), (4, 64, 112, None)]):
+        frames = rng.integers(0, 256, (T, 3, H, W), dtype=np.uint8)
+        reset = np.array([i == 3, False, i == 3, False])
+        ref = ort_b.run_clip(frames, reset, stages)
+        got = trt_b.run_clip(frames, reset, stages)
+        for key in ref:
+            assert got[key].dtype == np.float32 and got[key].shape == ref[key].shape, key
+            _assert_close(got[key], ref[key], key, atol=1e-5)
+    kept = got["mask_probs"].copy()
+    trt_b.run_clip(frames[:1], None)
+    np.testing.assert_array_equal(got["mask_probs"], kept)  # results are not views of reused buffers
+    host_side = [pinned for _, pinned in cudart.copies]
+    assert host_side.count(True) >= 5 * 5  # per clip: frames, image size, 3 results
+    with pytest.raises(UserError, match="--stages must be 1..2"):
+        trt_b.run_clip(frames, None, 3)
+
+    # whole video through the clip loop: the same tracks as ONNX Runtime
+    _, cfg = _torch_backend(exported)
+    options = LoopOptions(clip_length=4, size=cfg.data.test_size, max_size=cfg.data.max_size)
+    frames = _read_frames(video["path"])
+    ref = list(run_clips(OrtBackend(exported["model_dir"], threads=1), iter(frames), options))
+    got = list(run_clips(trt_b, iter(frames), options))
+    assert [[(i.track_id, i.label) for i in r.instances] for r in ref] == \
+           [[(i.track_id, i.label) for i in g.instances] for g in got]
+    assert sum(len(r.instances) for r in got) > 0
+    trt_b.close()
+    assert cudart.device == {} and cudart.pinned == {}
 
 
 def test_trt_backend_on_a_gpu(exported):  # pragma: no cover - needs TensorRT + a GPU
