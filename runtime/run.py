@@ -104,11 +104,11 @@ class TimedBackend:
         return out
 
 
-def _check_positive(value, name, upper=None):
+def _check_positive(value, name, upper=None, hint=""):
     """0 is the option's default; negative, NaN or infinite values are refused."""
     if not 0 <= value < float("inf") or (upper is not None and value > upper):
         raise UserError(f"{name} must be " + (f"1..{upper}" if upper else "positive") + f" (0: the default), "
-                        f"got {value}")
+                        f"got {value}" + (f"; {hint}" if hint else ""))
 
 
 def build_backend(args, manifest, resized=None):
@@ -208,7 +208,8 @@ def run(args) -> int:
     # the model first: a missing or corrupt model fails before the camera is opened
     engine = (args.backend or ("trt" if is_engine_dir(args.model) else "ort")) == "trt"
     manifest = manifest_lib.load(args.model, verify=not engine)
-    _check_positive(args.clip, "--clip", manifest.clip_length)
+    _check_positive(args.clip, "--clip", manifest.clip_length,
+                    "longer clips need a model exported with evis export --max-clip T")
     _check_positive(args.stages, "--stages", manifest.num_stages)
     clip_length = args.clip or manifest.clip_length
     args.stages = args.stages or manifest.infer_value("num_iterations", int, 0)  # 0: all M

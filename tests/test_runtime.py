@@ -371,6 +371,10 @@ def test_evis_run_anytime_short_clips_folder_avi_max_frames(exported, tmp_path):
     proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
                   "--no-video", "--stages", "3"])
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "--stages" in proc.stderr
+    proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", out,
+                  "--no-video", "--clip", "99"])
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--clip must be 1.." in proc.stderr and "evis export --max-clip" in proc.stderr
     # --fused (model.onnx): the same tracks as the split graphs, and no anytime inference
     fused = str(tmp_path / "fused")
     proc = _evis(["run", "--model", exported["model_dir"], "--source", str(folder), "--out", fused,
