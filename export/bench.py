@@ -772,7 +772,8 @@ def run(args) -> int:
     clip = args.clip or min(9, manifest.clip_length)
     stages = args.stages or M
     if not 1 <= clip <= manifest.clip_length:
-        raise UserError(f"--clip must be 1..{manifest.clip_length} (the exported T), got {clip}")
+        raise UserError(f"--clip must be 1..{manifest.clip_length} (the exported T), got {clip}; "
+                        f"longer clips need a model exported with evis export --max-clip T")
     if not 1 <= stages <= M:
         raise UserError(f"--stages must be 1..{M}, got {stages}")
     if args.size:
