@@ -623,6 +623,9 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
         raise UserError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses opsets "
                         f"up to 20), got {opset}")
     model, cfg, class_names = load_model(checkpoint, "cpu")
+    if cfg.model.carry_proposals:
+        raise UserError(f"checkpoint {checkpoint}: model.carry_proposals is not exportable yet (the ONNX "
+                        f"stage_0 starts every clip from the learned proposals); `evis infer` runs it")
     K = cfg.model.num_classes
     max_clip = inference_clip_length(cfg) if max_clip is None else int(max_clip)
     if max_clip < 1:

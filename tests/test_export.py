@@ -362,6 +362,17 @@ def test_roi_align_forms_agree(capsys):
     assert len(err) == 1 and "--roi-align sets the form of the export evis bench makes" in err[0], err
 
 
+def test_a_model_that_carries_proposals_is_refused_in_one_line(checkpoint_path, tmp_path):
+    """model.carry_proposals changes what stage_0 starts from: the graphs would silently drop it."""
+    ckpt = checkpoint.load(checkpoint_path)
+    ckpt["config"]["model"]["carry_proposals"] = True
+    path = str(tmp_path / "carry.pt")
+    checkpoint.save(path, **ckpt)
+    with pytest.raises(UserError, match="carry.pt: model.carry_proposals is not exportable yet"):
+        E.export_model(path, str(tmp_path / "model"), log=lambda m: None)
+    assert not os.path.exists(tmp_path / "model")
+
+
 def test_manifest_module_imports_neither_torch_nor_onnx():
     code = ("import sys, efficientvis.runtime.manifest; "
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import ModelConfig, load_config
 from efficientvis.training.dynamic_conv import TemporalDynamicConv
+from efficientvis.training.infer import TorchBackend
 from efficientvis.training.model import build_model
 from efficientvis.training.query_attention import TrackletSelfAttention
 
@@ -110,6 +112,36 @@ def test_model_outputs_every_iteration_any_clip_length():
         longer = model(torch.randint(0, 255, (1, 8, 3, 64, 96), dtype=torch.uint8))
         assert longer["stages"][-1]["mask_logits"].shape == (1, 4, 8, 28, 28)
         assert all("mask_logits" in st for st in model.train()(frames)["stages"])  # deep supervision
+
+
+def test_carried_proposals_replace_the_learned_ones_of_active_slots_only():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(carry_proposals=True, carry_threshold=0.2)).eval()
+    frames = torch.randint(0, 255, (1, 4, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(frames)
+        last = out["stages"][-1]
+        active, boxes = out["carried"]
+        # what the next clip gets: slots with any class probability >= 0.2, their last-frame box
+        assert torch.equal(active, last["class_logits"].sigmoid().amax((2, 3)) >= 0.2)
+        torch.testing.assert_close(boxes, last["boxes"][:, :, -1])
+        learned = model.initial_proposals(torch.tensor([[64.0, 96.0]]), 4)[:, :, 0]
+        inactive = model(frames, carried=(torch.zeros(1, 4, dtype=torch.bool), boxes))
+        carried_learned = model(frames, carried=(torch.ones(1, 4, dtype=torch.bool), learned))
+        torch.testing.assert_close(inactive["stages"][-1]["boxes"], last["boxes"])
+        torch.testing.assert_close(carried_learned["stages"][-1]["boxes"], last["boxes"])
+        box = torch.tensor([10.0, 12.0, 40.0, 44.0]).expand(1, 4, 4)
+        moved = model(frames, carried=(torch.tensor([[True, False, False, False]]), box))
+    # the active slot's first iteration pools its carried box (the others see it in self-attention)
+    assert not torch.allclose(moved["stages"][0]["boxes"][0, 0], out["stages"][0]["boxes"][0, 0])
+    # evis infer's backend carries them from clip to clip; a reset slot starts from q* and the learned box
+    backend = TorchBackend(model, "cpu")
+    backend.start_video()
+    first = backend.run_clip(frames[0].numpy(), np.zeros(4, bool))
+    backend.run_clip(frames[0].numpy(), np.zeros(4, bool))
+    assert backend.carried is not None
+    again = backend.run_clip(frames[0].numpy(), np.ones(4, bool))
+    np.testing.assert_allclose(again["boxes"], first["boxes"], rtol=1e-5, atol=1e-4)
 
 
 def test_inference_clip_length_defaults_to_the_trained_T():

@@ -368,6 +368,31 @@ def test_lead_matching_carries_the_lead_clips_assignment(small_data):
         torch.testing.assert_close(loss, expected[lead_matching])
 
 
+def test_carried_proposals_go_from_clip_to_clip_in_a_chain(small_data):
+    """model.carry_proposals: the trained clip starts from the lead clip's last-frame boxes."""
+    from efficientvis.training import train
+    from efficientvis.training.dataset import collate
+
+    cfg = load_config("tiny", SMALL + ["data.lead_clips=1", "loss.denoising_weight=0",
+                                       "model.carry_proposals=true", "model.carry_threshold=0"])
+    cfg.data.root = small_data
+    dataset = train.build_train_dataset(cfg, 3)
+    cfg.model.num_classes = len(dataset.class_names)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    criterion = TrackletCriterion(cfg.loss)
+    lead, first = collate([dataset[0], dataset[1]])[:2]
+    with torch.no_grad():
+        lead_out = model(lead["frames"], lead["image_sizes"], masks="none")
+        assert lead_out["carried"][0].all()  # threshold 0: every slot carries its box
+        runs = {carried: model(first["frames"], first["image_sizes"], init_queries=lead_out["next_queries"],
+                               carried=lead_out["carried"] if carried else None) for carried in (True, False)}
+        loss, _ = train.TrainStep(model, criterion)([lead, first], lead=1, trained=1)
+    expected = {carried: criterion(out, first["targets"])[0] for carried, out in runs.items()}
+    assert not torch.isclose(expected[True], expected[False])
+    torch.testing.assert_close(loss, expected[True])
+
+
 def _torchrun(small_data, out, *settings):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "efficientvis", "train", "--config", "tiny", "--data", small_data, "--out", out,

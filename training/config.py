@@ -44,6 +44,11 @@ class ModelConfig:
     # backbone gets a gradient at every pixel, not only inside the queries' RoIs (CondInst's
     # auxiliary semantic loss); never exported, never used at inference
     semantic_head: bool = False
+    # not in the paper (Sec. 3.3 resets the proposals every clip): a slot that held an object in
+    # the previous clip (max class probability >= carry_threshold) starts the next clip from its
+    # last-frame box instead of the learned initial proposal
+    carry_proposals: bool = False
+    carry_threshold: float = 0.2
 
 
 @dataclass

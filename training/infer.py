@@ -34,15 +34,18 @@ class TorchBackend:
     @torch.no_grad()
     def start_video(self):
         self.queries = self.model.init_queries.weight[None].clone()
+        self.carried = None
 
     @torch.no_grad()
     def run_clip(self, frames, reset, num_iterations=None):
         if reset is not None and reset.any():
             mask = torch.as_tensor(reset, device=self.device)
             self.queries[0, mask] = self.model.init_queries.weight[mask]
+            if self.carried is not None:
+                self.carried[0][0, mask] = False
         x = torch.from_numpy(frames)[None].to(self.device)
-        out = self.model(x, init_queries=self.queries, num_iterations=num_iterations)
-        self.queries = out["next_queries"]
+        out = self.model(x, init_queries=self.queries, num_iterations=num_iterations, carried=self.carried)
+        self.queries, self.carried = out["next_queries"], out.get("carried")
         last = out["stages"][-1]
         return {"class_logits": last["class_logits"][0].float().cpu().numpy(),
                 "boxes": last["boxes"][0].float().cpu().numpy(),

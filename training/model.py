@@ -77,7 +77,7 @@ class EfficientVIS(nn.Module):
         return init_queries[:, :, None, :].expand(-1, -1, T, -1)
 
     def forward(self, frames, image_sizes=None, init_queries=None, num_iterations=None, denoise_boxes=None,
-                masks=None):
+                masks=None, carried=None):
         """frames (B, T, 3, H, W); image_sizes (B, 2) un-padded (h, w), default the frame size.
 
         Returns {"stages": [per-iteration outputs], "next_queries": (B, N, C)} where each stage has
@@ -96,8 +96,15 @@ class EfficientVIS(nn.Module):
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
         boxes = self.initial_proposals(image_sizes.float(), T)
+        if carried is not None:  # (active (B, N) bool, last-frame boxes (B, N, 4)) of the previous clip
+            active, last = carried
+            boxes = torch.where(active[:, :, None, None], last[:, :, None, :].expand_as(boxes), boxes)
         stages = self.iterate(features, queries, boxes, num_iterations, masks or ("all" if self.training else "last"))
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
+        if self.cfg.carry_proposals:
+            last = stages[-1]
+            active = last["class_logits"].sigmoid().amax((2, 3)) >= self.cfg.carry_threshold
+            out["carried"] = (active.detach(), last["boxes"][:, :, -1].detach())
         if self.training and self.semantic_head is not None and torch.is_grad_enabled():  # not lead clips
             out["semantic_logits"] = self.semantic_head(features[0])
         if denoise_boxes is not None:  # training only (training/denoising.py)

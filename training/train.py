@@ -60,20 +60,21 @@ class TrainStep(nn.Module):
         lead clips are also matched, and the first trained clip keeps their assignment as the
         second keeps the first's (Sec. 3.3), so a slot keeps its object over every hop."""
         clips = batch if isinstance(batch, list) else [batch]
-        total, logs, assignments, queries = 0.0, {}, None, None
+        total, logs, assignments, queries, carried = 0.0, {}, None, None, None
         cfg = self.criterion.cfg
         with torch.no_grad():
             for clip in clips[:lead]:
                 out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries,
-                                 masks="last" if self.lead_matching else "none")
-                queries = out["next_queries"]
+                                 masks="last" if self.lead_matching else "none", carried=carried)
+                queries, carried = out["next_queries"], out.get("carried")
                 if self.lead_matching:
                     assignments = self.criterion.assign(out["stages"][-1], clip["targets"], assignments)
         for clip in clips[lead:lead + trained]:
             noised = tracks = None
             if cfg.denoising_weight > 0:
                 noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise) for t in clip["targets"]))
-            out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries, denoise_boxes=noised)
+            out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries, denoise_boxes=noised,
+                             carried=carried)
             loss, clip_logs, final = self.criterion(out, clip["targets"], assignments)
             if noised is not None:
                 dn_loss, dn_logs = self.criterion.denoising(out["denoise"], clip["targets"], tracks,
@@ -87,7 +88,7 @@ class TrainStep(nn.Module):
             total = total + loss
             for name, value in clip_logs.items():
                 logs[name] = logs.get(name, 0.0) + value
-            assignments, queries = final, out["next_queries"]
+            assignments, queries, carried = final, out["next_queries"], out.get("carried")
         return total, logs
 
 
