@@ -165,6 +165,15 @@ def test_perfect_detection():
                                        "ARm": -1, "ARl": -1})
 
 
+def test_a_track_of_more_than_255_frames():
+    """Long videos: pycocotools' area() of 256+ RLEs in one call overflows; the metric chunks it."""
+    a, b = box(H, W, 0, 2, 0, 2), box(H, W, 1, 3, 1, 4)
+    frames = [a if t % 3 else b for t in range(300)]
+    gt = gt_dict([(1, 300, H, W)], [track(1, 1, frames)])
+    half = frames[:150] + [None] * 150  # video IoU 0.5: found at AP50 only
+    check(gt, [det(1, frames, 0.9), det(1, half, 0.8)], {"AP": 1, "AP50": 1, "AR1": 1})
+
+
 def test_iou_exactly_on_threshold():
     g = box(H, W, 0, 2, 0, 2)  # 4 px
     d = box(H, W, 0, 2, 0, 2)

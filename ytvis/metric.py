@@ -387,11 +387,18 @@ def evaluate(gt: ytvis_format.Dataset, results: list, path: str = "results") -> 
     return _summarize(precision, recall)
 
 
+# pycocotools' area() of a list of 256 or more RLEs fails ("out of bounds for uint8" with numpy 2,
+# pycocotools 2.0.11): a track in view for 256+ frames of a long video
+_AREA_CHUNK = 255
+
+
 def _frame_areas(rles) -> np.ndarray:
     present = [t for t, r in enumerate(rles) if r is not None]
     areas = np.zeros(len(rles), np.float64)
     if present:
-        areas[present] = mask_utils.area([rles[t] for t in present])
+        masks = [rles[t] for t in present]
+        areas[present] = np.concatenate([mask_utils.area(masks[i:i + _AREA_CHUNK])
+                                         for i in range(0, len(masks), _AREA_CHUNK)])
     return areas
 
 
