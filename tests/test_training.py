@@ -341,20 +341,27 @@ def test_time_budget_fits_the_schedule_and_a_resume_keeps_it(small_data, tmp_pat
     assert checkpoint.load(os.path.join(out, "final.pt"))["step"] == 3
 
 
-def test_lead_matching_carries_the_lead_clips_assignment(small_data):
-    """data.lead_matching: the first trained clip of a chain is scored with the lead clip's
-    assignment (extended to tracks the lead clip did not see), not with a fresh matching."""
+def _lead_chain(small_data, *settings):
+    """A tiny model in training mode, its criterion and one (lead clip, trained clip) chain batch."""
     from efficientvis.training import train
     from efficientvis.training.dataset import collate
 
-    cfg = load_config("tiny", SMALL + ["data.lead_clips=1", "loss.denoising_weight=0"])
+    cfg = load_config("tiny", SMALL + ["data.lead_clips=1", "loss.denoising_weight=0", *settings])
     cfg.data.root = small_data
     dataset = train.build_train_dataset(cfg, 3)
     cfg.model.num_classes = len(dataset.class_names)
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
-    criterion = TrackletCriterion(cfg.loss)
     lead, first = collate([dataset[0], dataset[1]])[:2]
+    return model, TrackletCriterion(cfg.loss), lead, first
+
+
+def test_lead_matching_carries_the_lead_clips_assignment(small_data):
+    """data.lead_matching: the first trained clip of a chain is scored with the lead clip's
+    assignment (extended to tracks the lead clip did not see), not with a fresh matching."""
+    from efficientvis.training import train
+
+    model, criterion, lead, first = _lead_chain(small_data)
     with torch.no_grad():
         lead_out = model(lead["frames"], lead["image_sizes"], masks="last")
         first_out = model(first["frames"], first["image_sizes"], init_queries=lead_out["next_queries"])
@@ -371,17 +378,9 @@ def test_lead_matching_carries_the_lead_clips_assignment(small_data):
 def test_carried_proposals_go_from_clip_to_clip_in_a_chain(small_data):
     """model.carry_proposals: the trained clip starts from the lead clip's last-frame boxes."""
     from efficientvis.training import train
-    from efficientvis.training.dataset import collate
 
-    cfg = load_config("tiny", SMALL + ["data.lead_clips=1", "loss.denoising_weight=0",
-                                       "model.carry_proposals=true", "model.carry_threshold=0"])
-    cfg.data.root = small_data
-    dataset = train.build_train_dataset(cfg, 3)
-    cfg.model.num_classes = len(dataset.class_names)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    criterion = TrackletCriterion(cfg.loss)
-    lead, first = collate([dataset[0], dataset[1]])[:2]
+    model, criterion, lead, first = _lead_chain(small_data, "model.carry_proposals=true",
+                                                "model.carry_threshold=0")
     with torch.no_grad():
         lead_out = model(lead["frames"], lead["image_sizes"], masks="none")
         assert lead_out["carried"][0].all()  # threshold 0: every slot carries its box
