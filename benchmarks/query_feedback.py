@@ -28,8 +28,8 @@ class BlendedFeedback(infer.TorchBackend):
         self.alpha = alpha
 
     @torch.no_grad()
-    def run_clip(self, frames, reset, num_iterations=None):
-        out = super().run_clip(frames, reset, num_iterations)
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
+        out = super().run_clip(frames, reset, num_iterations, carried)
         self.queries = self.alpha * self.queries + (1 - self.alpha) * self.model.init_queries.weight[None]
         return out
 

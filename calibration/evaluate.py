@@ -34,9 +34,9 @@ class _Timed:
     def start_video(self):
         self.backend.start_video()
 
-    def run_clip(self, frames, reset, num_iterations=None):
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
         t0 = time.perf_counter()
-        out = self.backend.run_clip(frames, reset, num_iterations)
+        out = self.backend.run_clip(frames, reset, num_iterations, carried)
         self.seconds += time.perf_counter() - t0
         self.clips += 1
         self.frames += len(frames)

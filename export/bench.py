@@ -370,12 +370,15 @@ class TorchRunner:
             feats = self.modules["backbone"](x)
             _sync(torch, dev)
             times["backbone"] = time.perf_counter() - t0
-            image_size = torch.tensor(frames.shape[-2:], dtype=torch.float32, device=dev)
-            carried = (self.queries, image_size)  # stage 0: q* (N, C) + image size; then queries, proposals
+            N = len(self.queries)
+            # stage 0: q* (N, C), image size, no carried proposals (as the runtime's backends are
+            # timed); then queries, proposals
+            inputs = (self.queries, torch.tensor(frames.shape[-2:], dtype=torch.float32, device=dev),
+                      torch.zeros(N, device=dev), torch.zeros(N, 4, device=dev))
             for k in range(stages):
                 t0 = time.perf_counter()
-                res = self.modules[f"stage_{k}"](*feats, *carried)
-                carried = (res[0], res[1])
+                res = self.modules[f"stage_{k}"](*feats, *inputs)
+                inputs = (res[0], res[1])
                 _sync(torch, dev)
                 times[f"stage_{k}"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -402,7 +405,7 @@ class OrtRunner:
 
     def run(self, frames, stages):
         times = {}
-        out = self.backend.run_clip(frames, None, stages, times)
+        out = self.backend.run_clip(frames, None, stages, times=times)
         return out, times
 
 

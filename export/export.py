@@ -53,6 +53,7 @@ from efficientvis import __version__
 from efficientvis.errors import UserError
 from efficientvis.export import graphs as G
 from efficientvis.runtime import manifest as manifest_lib
+from efficientvis.runtime.clip_loop import carried_inputs
 
 # --roi-align: how the stages and mask heads pool (training/roi_align.py, export modes)
 ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSample at every FPN level",
@@ -61,8 +62,9 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 20, 17
 EXPORTER_MIN_OPSET = 18  # torch 2.13's dynamo exporter
 # bumped when the same checkpoint exports to different graphs (evis bench's cached exports are
 # keyed by it); 2: model.onnx keeps each graph's own symbolic dims apart; 3: Eq. 3's cosine
-# similarity divides by one norm at a time (no float16 underflow to NaN)
-EXPORT_REVISION = 3
+# similarity divides by one norm at a time (no float16 underflow to NaN); 4: stage_0 takes the
+# carried proposals (carried, carried_boxes)
+EXPORT_REVISION = 4
 MIN_SIZE = 32  # smallest frame side the graphs are declared for (P5 is then 1 x 1)
 # Larger than this the graph's weights go to a .data file next to it (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1536 << 20
@@ -100,6 +102,8 @@ def graph_spec(name: str, N: int, C: int, K: int, mask_size: int) -> tuple[list,
     frames = {"name": "frames", "dtype": "uint8", "shape": ["T", 3, "H", "W"]}
     init_queries = {"name": "init_queries", "dtype": "float32", "shape": [N, C]}
     image_size = {"name": "image_size", "dtype": "float32", "shape": [2]}
+    carried = {"name": "carried", "dtype": "float32", "shape": [N]}
+    carried_boxes = {"name": "carried_boxes", "dtype": "float32", "shape": [N, 4]}
     out = {"queries": [N, "T", C], "proposals": [N, "T", 4], "class_logits": [N, "T", K],
            "attended": [N, "T", C], "mask_probs": [N, "T", mask_size, mask_size], "next_queries": [N, C]}
     features = [feature(i) for i in range(4)]
@@ -107,7 +111,8 @@ def graph_spec(name: str, N: int, C: int, K: int, mask_size: int) -> tuple[list,
     if name == "backbone":
         return [frames], features
     table = {f["name"]: f for f in features}
-    table.update(frames=frames, init_queries=init_queries, image_size=image_size,
+    table.update(frames=frames, init_queries=init_queries, image_size=image_size, carried=carried,
+                 carried_boxes=carried_boxes,
                  queries_in={"name": "queries_in", "dtype": "float32", "shape": [N, "T", C]},
                  proposals_in={"name": "proposals_in", "dtype": "float32", "shape": [N, "T", 4]},
                  attended={"name": "attended", "dtype": "float32", "shape": [N, "T", C]},
@@ -302,7 +307,7 @@ def compose_fused(backbone, stages: list, mask_head, inputs: list, outputs: list
     for k, stage in enumerate(stages):
         rename = {n: n for n in G.FEATURES}
         if k == 0:
-            rename.update(init_queries="init_queries", image_size="image_size")
+            rename.update({n: n for n in G.CLIP_START_INPUTS})
         else:
             rename.update(queries_in=f"stage_{k - 1}/queries", proposals_in=f"stage_{k - 1}/proposals")
         if k == last:
@@ -345,7 +350,7 @@ def compose_fused(backbone, stages: list, mask_head, inputs: list, outputs: list
                 if dim.dim_param and not set(re.findall(r"[A-Za-z_]\w*", dim.dim_param)) <= interface:
                     dim.dim_param = prefix + dim.dim_param
             graph.value_info.append(new)
-    graph.input.extend(v for v in stages[0].graph.input if v.name in ("init_queries", "image_size"))
+    graph.input.extend(v for v in stages[0].graph.input if v.name in G.CLIP_START_INPUTS)
     by_name = {v.name: v for v in list(stages[-1].graph.output) + list(mask_head.graph.output)}
     graph.output.extend(by_name[n] for n in G.FUSED_OUTPUTS)
     model = helper.make_model(graph, opset_imports=list(backbone.opset_import),
@@ -387,7 +392,8 @@ def _example_inputs(name, cfg_model, T, H, W, torch):
     if name == "backbone":
         return (torch.randint(0, 256, (T, 3, H, W), dtype=torch.uint8, generator=gen),)
     if name == "stage_0":
-        return features + (torch.randn(N, C, generator=gen), torch.tensor([float(H), float(W)]))
+        return features + (torch.randn(N, C, generator=gen), torch.tensor([float(H), float(W)]),
+                           (torch.arange(N) % 2).float(), torch.tensor([0.2 * W, 0.1 * H, 0.5 * W, 0.6 * H]).repeat(N, 1))
     boxes = torch.tensor([0.1 * W, 0.1 * H, 0.6 * W, 0.7 * H]).expand(N, T, 4).contiguous()
     return features + (torch.randn(N, T, C, generator=gen), boxes)
 
@@ -407,7 +413,7 @@ def _dynamic_shapes(name, axes, max_clip, torch):
     shapes = {f: feature(s) for f, s in zip(G.FEATURES, G.STRIDES)}
     tq = {1: T} if T is not None else {}
     if name == "stage_0":
-        shapes.update(init_queries=None, image_size=None)
+        shapes.update({n: None for n in G.CLIP_START_INPUTS})
     elif name.startswith("mask_"):
         shapes.update(attended=dict(tq), proposals=dict(tq))
     else:
@@ -486,10 +492,19 @@ def verification_shape(axes):
     return T, H, W
 
 
-def torch_reference(model, frames, image_size, init_queries, roi_form, num_stages=None):
+def clip_start(init_queries, frames, carried=None):
+    """stage_0's clip-start inputs (numpy) for a clip of `frames` (T, 3, H, W): `carried` as the
+    clip loop's backends take it (runtime/clip_loop.py), None for none."""
+    flags, boxes = carried_inputs(carried, len(init_queries))
+    return {"init_queries": np.ascontiguousarray(init_queries, np.float32),
+            "image_size": np.array(frames.shape[-2:], np.float32), "carried": flags, "carried_boxes": boxes}
+
+
+def torch_reference(model, frames, start, roi_form, num_stages=None):
     """What each graph should output, computed by the PyTorch wrappers of graphs.py, and the inputs
-    to give it: ({graph: {output: ndarray}}, {graph: {input: ndarray}}). Stage k is fed PyTorch's
-    stage k-1 outputs, mask head k stage k's; "model" is the whole clip."""
+    to give it: ({graph: {output: ndarray}}, {graph: {input: ndarray}}). `start`: stage_0's
+    clip-start inputs (`clip_start`). Stage k is fed PyTorch's stage k-1 outputs, mask head k
+    stage k's; "model" is the whole clip."""
     import torch
     from efficientvis.training import roi_align
 
@@ -511,8 +526,8 @@ def torch_reference(model, frames, image_size, init_queries, roi_form, num_stage
             name = f"stage_{k}"
             module = G.build_graph_module(model, name)
             if k == 0:
-                res = module(*feats, tensor(init_queries), tensor(image_size))
-                feeds[name] = {**fd, "init_queries": init_queries, "image_size": image_size}
+                res = module(*feats, *(tensor(start[n]) for n in G.CLIP_START_INPUTS))
+                feeds[name] = {**fd, **start}
             else:
                 res = module(*feats, q, boxes)
                 feeds[name] = {**fd, "queries_in": numpy(q), "proposals_in": numpy(boxes)}
@@ -522,7 +537,7 @@ def torch_reference(model, frames, image_size, init_queries, roi_form, num_stage
             feeds[mask] = {**fd, "attended": out[name]["attended"], "proposals": out[name]["proposals"]}
             out[mask] = {"mask_probs": numpy(G.build_graph_module(model, mask)(*feats, res[3], res[1]))}
     out["model"] = {**{n: out[name][n] for n in G.FUSED_OUTPUTS if n != "mask_probs"}, **out[mask]}
-    feeds["model"] = {"frames": frames, "init_queries": init_queries, "image_size": image_size}
+    feeds["model"] = {"frames": frames, **start}
     return out, feeds
 
 
@@ -546,9 +561,12 @@ def verify_export(model, model_dir, graph_entries, roi_form, axes, log):
     T, H, W = verification_shape(axes)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (T, 3, H, W), dtype=np.uint8)
-    image_size = np.array([H, W], np.float32)
     init_queries = model.init_queries.weight.detach().float().numpy().copy()
-    ref, feeds = torch_reference(model, frames, image_size, init_queries, roi_form)
+    # every other slot starts from a carried box (both paths of stage_0's proposals are checked)
+    N = len(init_queries)
+    corner = rng.uniform(0, 0.5, (N, 2)) * (W, H)
+    carried = (np.arange(N) % 2 == 0, np.concatenate([corner, corner + rng.uniform(0.1, 0.5, (N, 2)) * (W, H)], 1))
+    ref, feeds = torch_reference(model, frames, clip_start(init_queries, frames, carried), roi_form)
     options = ort.SessionOptions()
     options.log_severity_level = 3
 
@@ -569,7 +587,7 @@ def verify_export(model, model_dir, graph_entries, roi_form, axes, log):
               "reference": f"PyTorch ({roi_form} form) on the same inputs"}
     if "model" in graph_entries:
         stages = [n for n in split if n.startswith("stage_")]
-        chain = run(stages[0], {**got["backbone"], **{k: feeds["model"][k] for k in ("init_queries", "image_size")}})
+        chain = run(stages[0], {**got["backbone"], **{k: feeds["model"][k] for k in G.CLIP_START_INPUTS}})
         for name in stages[1:]:
             chain = run(name, {**got["backbone"], "queries_in": chain["queries"], "proposals_in": chain["proposals"]})
         chain.update(run(f"mask_{len(stages) - 1}", {**got["backbone"], "attended": chain["attended"],
@@ -623,9 +641,6 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
         raise UserError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses opsets "
                         f"up to 20), got {opset}")
     model, cfg, class_names = load_model(checkpoint, "cpu")
-    if cfg.model.carry_proposals:
-        raise UserError(f"checkpoint {checkpoint}: model.carry_proposals is not exportable yet (the ONNX "
-                        f"stage_0 starts every clip from the learned proposals); `evis infer` runs it")
     K = cfg.model.num_classes
     max_clip = inference_clip_length(cfg) if max_clip is None else int(max_clip)
     if max_clip < 1:
@@ -747,6 +762,8 @@ def _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, op
                     "equals max_size; round half up (ytvis.clips.resized_shape)",
         },
         "infer": dict(vars(cfg.infer)),
+        # a model trained with model.carry_proposals: the clip loop's rule for stage_0's carried inputs
+        "carry_threshold": float(mc.carry_threshold) if mc.carry_proposals else None,
         "dynamic_axes": axes,
         "stages": G.stage_names(M),
         "mask_heads": G.mask_head_names(M),

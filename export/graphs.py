@@ -5,11 +5,14 @@ the model's own modules, so the graphs compute exactly what `EfficientVIS.forwar
 
 - `BackboneGraph`:  frames uint8 (T, 3, H, W) -> p2, p3, p4, p5, each (T, C, ceil(H/s), ceil(W/s)).
   `EfficientVIS.features` (normalisation inside the backbone).
-- `FirstStageGraph`: p2..p5, init_queries (N, C), image_size (2,) = (H, W) float32 ->
-  queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), attended (N, T, C) (the
-  self-attended queries, the input of the stage's dynamic mask head), next_queries (N, C).
-  The clip-start queries and the learned proposals are built by `EfficientVIS.initial_queries` /
-  `EfficientVIS.initial_proposals` (T taken from the features).
+- `FirstStageGraph`: p2..p5, init_queries (N, C), image_size (2,) = (H, W) float32, carried (N,)
+  float32 (1: the slot starts from its carried box), carried_boxes (N, 4) float32 xyxy input
+  pixels -> queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), attended (N, T, C)
+  (the self-attended queries, the input of the stage's dynamic mask head), next_queries (N, C).
+  The clip-start queries and proposals are built by `EfficientVIS.initial_queries` /
+  `EfficientVIS.initial_proposals` (T taken from the features). `carried` is all zero for a model
+  trained without model.carry_proposals (every slot starts from the learned boxes, the paper's
+  rule); the runtime's clip loop sets it for a model trained with it.
 - `StageGraph(k)`, k >= 1: p2..p5, queries_in (N, T, C), proposals_in (N, T, 4) -> the same outputs.
 - `MaskHeadGraph(k)`: p2..p5, attended (N, T, C), proposals (N, T, 4) of stage k -> mask_probs
   (N, T, 2S, 2S) (S = mask_pooler_size; the sigmoid of the mask logits: bounded values that
@@ -34,9 +37,10 @@ MASK_INPUTS = FEATURES + ("attended", "proposals")
 MASK_OUTPUTS = ("mask_probs",)
 FUSED_OUTPUTS = ("class_logits", "proposals", "mask_probs", "next_queries")
 BACKBONE_INPUTS = ("frames",)
-FIRST_STAGE_INPUTS = FEATURES + ("init_queries", "image_size")
+CLIP_START_INPUTS = ("init_queries", "image_size", "carried", "carried_boxes")  # stage_0's, the fused graph's
+FIRST_STAGE_INPUTS = FEATURES + CLIP_START_INPUTS
 STAGE_INPUTS = FEATURES + ("queries_in", "proposals_in")
-FUSED_INPUTS = ("frames", "init_queries", "image_size")
+FUSED_INPUTS = ("frames",) + CLIP_START_INPUTS
 
 
 def _stage_outputs(out):
@@ -64,10 +68,10 @@ class FirstStageGraph(nn.Module):
         self.model = model
         self.iteration = model.iterations[0]
 
-    def forward(self, p2, p3, p4, p5, init_queries, image_size):
+    def forward(self, p2, p3, p4, p5, init_queries, image_size, carried, carried_boxes):
         T = p2.shape[0]
         queries = self.model.initial_queries(1, T, init_queries[None])  # (1, N, T, C)
-        boxes = self.model.initial_proposals(image_size[None], T)  # (1, N, T, 4)
+        boxes = self.model.initial_proposals(image_size[None], T, (carried[None] > 0.5, carried_boxes[None]))
         return _stage_outputs(self.iteration([p2, p3, p4, p5], queries, boxes, with_masks=False))
 
 

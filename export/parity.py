@@ -430,19 +430,20 @@ def _first_clips(gt, image_root, options, count):
 
 def per_graph_parity(backend, model, manifest, clips, roi_form):
     """{graph: {output: worst stats over the clips}} of an OrtBackend's graphs on PyTorch's inputs."""
-    from efficientvis.export.export import torch_reference
+    from efficientvis.export.export import clip_start, torch_reference
+    from efficientvis.runtime.clip_loop import carried_proposals
+    from efficientvis.runtime.postprocess import sigmoid
 
     sessions = getattr(backend, "sessions", None)
     if not sessions:
         return None
     q_star = manifest.initial_queries
     result = {}
-    queries, last_video = None, None
+    queries, carried, last_video = None, None, None
     for video_id, frames in clips:
         if video_id != last_video:
-            queries, last_video = q_star, video_id
-        image_size = np.array(frames.shape[-2:], np.float32)
-        ref, feeds = torch_reference(model, frames, image_size, queries, roi_form)
+            queries, carried, last_video = q_star, None, video_id
+        ref, feeds = torch_reference(model, frames, clip_start(queries, frames, carried), roi_form)
         for graph, session in sessions.items():
             names = {i.name for i in session.get_inputs()}
             outputs = [o.name for o in session.get_outputs()]
@@ -451,7 +452,11 @@ def per_graph_parity(backend, model, manifest, clips, roi_form):
                 if out_name in ref[graph]:
                     g = result.setdefault(graph, {})
                     g[out_name] = merge_stats(g.get(out_name), tensor_stats(got[out_name], ref[graph][out_name]))
-        queries = ref[f"stage_{manifest.num_stages - 1}"]["next_queries"]
+        last = ref[f"stage_{manifest.num_stages - 1}"]
+        queries = last["next_queries"]
+        if manifest.carry_threshold is not None:  # no slot resets within these few clips
+            carried = carried_proposals(sigmoid(last["class_logits"]), last["proposals"],
+                                        manifest.carry_threshold, np.zeros(len(queries), bool))
     return result
 
 

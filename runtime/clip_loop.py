@@ -2,8 +2,12 @@
 
 A backend holds the recurrent tracklet queries itself (on its device) and exposes:
   start_video()                         queries <- q* for every slot
-  run_clip(frames, reset, iterations)   frames uint8 (T, 3, h, w) RGB; reset (N,) bool slots to set
-                                        back to q* before this clip; returns numpy
+  run_clip(frames, reset, iterations, carried)
+                                        frames uint8 (T, 3, h, w) RGB; reset (N,) bool slots to set
+                                        back to q* before this clip; carried None or (active (N,)
+                                        bool, boxes (N, 4) input pixels): the slots that start
+                                        from their box instead of the learned proposals
+                                        (`carried_proposals`); returns numpy
                                         class_logits (N, T, K), boxes (N, T, 4) (input pixels),
                                         mask_probs (N, T, S, S); the clip's time-averaged output
                                         queries become the next clip's input queries.
@@ -53,18 +57,39 @@ class LoopOptions:
     background_threshold: float = 0.2
     reset_after: int = 3
     duplicate_iou: float = 0.0  # > 0: hide duplicate tracks within a clip (hidden_duplicates)
+    carry_threshold: float = None  # a model trained with model.carry_proposals: its threshold
 
     def __post_init__(self):
         """Values that would run and silently give wrong results are refused (infer.* names)."""
         checks = [("clip_length", self.clip_length >= 1), ("num_iterations", self.num_iterations >= 0),
                   ("reset_after", self.reset_after >= 1),
                   ("background_threshold", 0.0 <= self.background_threshold <= 1.0),  # False for NaN
-                  ("duplicate_iou", 0.0 <= self.duplicate_iou <= 1.0)]
+                  ("duplicate_iou", 0.0 <= self.duplicate_iou <= 1.0),
+                  ("carry_threshold", self.carry_threshold is None or 0.0 <= self.carry_threshold <= 1.0)]
         for name, ok in checks:
             if not ok:
-                raise UserError(f"infer.{name} = {getattr(self, name)!r} is out of range (clip_length, "
+                owner = "model" if name == "carry_threshold" else "infer"
+                raise UserError(f"{owner}.{name} = {getattr(self, name)!r} is out of range (clip_length, "
                                 f"reset_after >= 1; num_iterations >= 0; background_threshold, "
-                                f"duplicate_iou in [0, 1])")
+                                f"duplicate_iou, carry_threshold in [0, 1])")
+
+
+def carried_proposals(probs, boxes, threshold, reset):
+    """The next clip's `carried` argument (see the backend interface above) for a model trained
+    with model.carry_proposals (`EfficientVIS.forward`'s rule): the slots whose class probability
+    reached `threshold` in some frame of this clip start the next one from their last-frame box,
+    except slots reset before it. probs (N, T, K), boxes (N, T, 4) input pixels, reset (N,) bool."""
+    active = (probs.max(axis=(1, 2)) >= threshold) & ~np.asarray(reset, bool)
+    return active, np.ascontiguousarray(boxes[:, -1], np.float32)
+
+
+def carried_inputs(carried, num_queries):
+    """A backend's `carried` argument -> the graphs' float32 inputs carried (N,) and carried_boxes
+    (N, 4); None: no slot carries (the learned proposals everywhere, the paper's rule)."""
+    if carried is None:
+        return np.zeros(num_queries, np.float32), np.zeros((num_queries, 4), np.float32)
+    active, boxes = carried
+    return np.asarray(active, np.float32), np.ascontiguousarray(boxes, np.float32)
 
 
 def clip_frames(frames, clip_length):
@@ -123,12 +148,13 @@ def run_clips(backend, frames, options, linker=None):
     backend.start_video()
     tracker = linker or SlotTracker(backend.num_queries, options.background_threshold, options.reset_after)
     reset = np.zeros(backend.num_queries, bool)
+    carried = None
     index = 0
     for clip in clip_frames(frames, options.clip_length):
         inputs = preprocess_frames(clip, options.size, options.max_size)
         if linker is not None:
             reset = np.ones(backend.num_queries, bool)
-        out = backend.run_clip(inputs, reset, options.num_iterations or None)
+        out = backend.run_clip(inputs, reset, options.num_iterations or None, carried)
         probs = sigmoid(out["class_logits"])  # (N, T, K)
         height, width = clip[0].shape[:2]
         boxes = scale_boxes(out["boxes"], inputs.shape[-2:], (height, width))
@@ -137,6 +163,8 @@ def run_clips(backend, frames, options, linker=None):
             ids, _ = linker.update(probs, boxes, masks, (height, width))
         else:
             ids, reset = tracker.update(probs)
+            if options.carry_threshold is not None:
+                carried = carried_proposals(probs, out["boxes"], options.carry_threshold, reset)
         visible = [int(n) for n in np.nonzero(ids)[0]]
         hidden = (hidden_duplicates(visible, probs, masks, boxes, height, width, options.duplicate_iou)
                   if options.duplicate_iou > 0 else {})

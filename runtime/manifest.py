@@ -7,8 +7,9 @@ json + hashlib + numpy only (no torch, no onnx): it lives in the runtime, and `e
 complete export; `load(model_dir)` reads it back and checks the sha256 of every file it lists
 (graphs, their external-data files, q*), raising a UserError that names a missing or changed file.
 
-Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 3; keys in ARCHITECTURE.md; version 1 graphs
-output mask logits instead of mask_probs, version 2 stage graphs include their mask heads):
+Schema (FORMAT = "efficientvis-onnx", FORMAT_VERSION = 4; keys in ARCHITECTURE.md; version 1 graphs
+output mask logits instead of mask_probs, version 2 stage graphs include their mask heads, version 3
+stage_0 has no carried/carried_boxes inputs):
 
     format, format_version, package_version, created (UTC, ISO 8601)
     opset, roi_align ("roialign" | "gridsample"), exporter {torch, onnx}
@@ -17,6 +18,8 @@ output mask logits instead of mask_probs, version 2 stage graphs include their m
     preprocessing {dtype, layout, colour, value_range, normalisation {where, mean, std},
                    resize, test_size, max_size, interpolation}
     infer {top_k, reset_after, background_threshold, linking, num_iterations, duplicate_iou, ...}
+    carry_threshold                                     null, or the model.carry_threshold of a model
+                                                        trained with model.carry_proposals
     dynamic_axes {axis: {min, opt, max[, expr]}}       T, H, W and the feature-map axes
                                                         H4 = ceil(H/4) ... W32 = ceil(W/32)
     stages ["stage_0", ...], mask_heads ["mask_0", ...]    (stage k's masks: graph mask_k)
@@ -40,10 +43,11 @@ from efficientvis.errors import UserError
 from efficientvis.ytvis.results import write_json_atomic
 
 FORMAT = "efficientvis-onnx"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # what changed at each version, for the message that refuses an older export
 OLDER_FORMATS = {1: "its graphs output mask logits, not mask_probs",
-                 2: "its stage graphs include their mask heads, which are graphs of their own now"}
+                 2: "its stage graphs include their mask heads, which are graphs of their own now",
+                 3: "its stage_0 has no carried/carried_boxes inputs"}
 FILENAME = "manifest.json"
 CPU_FORM_SUFFIX = ".cpu.onnx"  # a QDQ_DIR graph's ONNX Runtime CPU form (calibration/quantize.py)
 
@@ -117,7 +121,19 @@ class Manifest:
                            background_threshold=self.infer_value("background_threshold", float, 0.2),
                            reset_after=self.infer_value("reset_after", int, 3),
                            duplicate_iou=(self.infer_value("duplicate_iou", float, 0.0) if duplicate_iou is None
-                                          else duplicate_iou))
+                                          else duplicate_iou),
+                           carry_threshold=self.carry_threshold)
+
+    @property
+    def carry_threshold(self):
+        """None, or the threshold of a model trained with model.carry_proposals."""
+        value = self.data.get("carry_threshold")
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+            return float(value)
+        raise UserError(f"{self.model_dir}/manifest.json: carry_threshold must be null or a number "
+                        f"in [0, 1], got {value!r}")
 
     @property
     def top_k(self) -> int:

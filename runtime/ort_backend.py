@@ -6,7 +6,7 @@ MODEL_DIR (written by `evis export`, interface in ARCHITECTURE.md): `backbone.on
 sha256 (a changed or truncated file is a UserError naming it), torch-free.
 
 `OrtBackend` creates its sessions once. Per clip: backbone -> stage_0 (init_queries = the recurrent
-queries, image_size) -> stage_1 .. stage_{K-1} (queries/proposals of the previous stage) ->
+queries, image_size, carried/carried_boxes from the clip loop) -> stage_1 .. stage_{K-1} (queries/proposals of the previous stage) ->
 mask_{K-1} (stage K-1's attended queries and proposals: only the last stage's masks are computed)
 -> the class logits, boxes and mask probabilities of stage K-1; its `next_queries` start the next clip.
 K = all M stages, or fewer (anytime inference: every stage outputs next_queries). The fused
@@ -41,6 +41,7 @@ import numpy as np
 
 from efficientvis.errors import UserError, one_line
 from efficientvis.runtime import manifest as manifest_lib
+from efficientvis.runtime.clip_loop import carried_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -296,7 +297,7 @@ class OrtBackend:
         queries[reset] = self.q_star[reset]
         self.queries = self._to_device(queries) if self.on_device else queries
 
-    def run_clip(self, frames, reset, num_iterations=None, times=None):
+    def run_clip(self, frames, reset, num_iterations=None, carried=None, times=None):
         """One clip (see _forward; `times`: evis bench's seconds per part)."""
         stages = int(num_iterations or self.num_stages)
         if not 1 <= stages <= self.num_stages:
@@ -309,9 +310,10 @@ class OrtBackend:
         if reset is not None and np.any(reset):
             self._reset(np.asarray(reset, bool))
         frames = np.ascontiguousarray(frames, np.uint8)
-        image_size = np.array(frames.shape[-2:], np.float32)
+        start = {"init_queries": self.queries, "image_size": np.array(frames.shape[-2:], np.float32)}
+        start["carried"], start["carried_boxes"] = carried_inputs(carried, self.num_queries)
         try:
-            return self._forward(frames, image_size, stages, times)
+            return self._forward(frames, start, stages, times)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - ORT's InvalidArgument / Fail / RuntimeException
@@ -338,9 +340,10 @@ class OrtBackend:
         session.run_with_iobinding(binding)
         return dict(zip(outputs, binding.get_outputs()))
 
-    def _forward(self, frames, image_size, stages, times=None):
-        """One clip through the graphs. `times` (a dict, for `evis bench`): seconds per part are
-        recorded into it (backbone, stage_k, mask_head or fused_graph, outputs_to_host)."""
+    def _forward(self, frames, start, stages, times=None):
+        """One clip through the graphs; `start`: stage_0's clip-start inputs. `times` (a dict, for
+        `evis bench`): seconds per part are recorded into it (backbone, stage_k, mask_head or
+        fused_graph, outputs_to_host)."""
         last = [time.perf_counter()]
 
         def lap(part):
@@ -348,16 +351,15 @@ class OrtBackend:
                 now = time.perf_counter()
                 times[part], last[0] = now - last[0], now
 
-        first = {"init_queries": self.queries, "image_size": image_size}
         frames = self._to_device(frames) if self.on_device else frames
         if self.fused:
-            out = self._call("model", {"frames": frames, **first}, FUSED_OUTPUTS)
+            out = self._call("model", {"frames": frames, **start}, FUSED_OUTPUTS)
             lap("fused_graph")
         else:
             features = self._call("backbone", {"frames": frames}, FEATURES)
             lap("backbone")
             for k in range(stages):
-                feeds = dict(features, **(first if k == 0 else
+                feeds = dict(features, **(start if k == 0 else
                                           {"queries_in": out["queries"], "proposals_in": out["proposals"]}))
                 out = self._call(f"stage_{k}", feeds, STAGE_OUTPUTS)
                 lap(f"stage_{k}")

@@ -97,9 +97,9 @@ class TimedBackend:
     def start_video(self):
         self.backend.start_video()
 
-    def run_clip(self, frames, reset, num_iterations=None):
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
         start = time.perf_counter()
-        out = self.backend.run_clip(frames, reset, num_iterations)
+        out = self.backend.run_clip(frames, reset, num_iterations, carried)
         self.latencies.append(time.perf_counter() - start)
         return out
 

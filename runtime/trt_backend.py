@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from efficientvis.errors import UserError
+from efficientvis.runtime.clip_loop import carried_inputs
 
 ENGINE_SUFFIX = ".engine"
 METADATA_SUFFIX = ".engine.json"
@@ -299,7 +300,7 @@ class TrtBackend:
         queries[reset] = self.q_star[reset]
         self.cuda.htod(ptr, queries, self.stream)
 
-    def run_clip(self, frames, reset, num_iterations=None):
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
         stages = int(num_iterations or self.num_stages)
         if not 1 <= stages <= self.num_stages:
             raise UserError(f"--stages must be 1..{self.num_stages}, got {stages}")
@@ -315,19 +316,22 @@ class TrtBackend:
         # staged in pinned memory, so the uploads are queued without the host waiting for them
         host_frames = self._host_array("frames", frames.shape, backbone.dtypes["frames"])
         host_frames[...] = frames
-        size = self._host_array("image_size", (2,), stage_0.dtypes["image_size"])
-        size[...] = (H, W)
-        addresses = {"frames": self._buffer("frames", host_frames.nbytes),
-                     "image_size": self._buffer("image_size", size.nbytes)}
+        start = dict(zip(("carried", "carried_boxes"), carried_inputs(carried, self.num_queries)),
+                     image_size=np.array((H, W), np.float32))
+        addresses = {"frames": self._buffer("frames", host_frames.nbytes)}
         self.cuda.htod(addresses["frames"], host_frames, self.stream)
-        self.cuda.htod(addresses["image_size"], size, self.stream)
+        shapes = {}
+        for name, value in start.items():  # stage_0's small clip-start inputs
+            host = self._host_array(name, value.shape, stage_0.dtypes[name])
+            host[...] = value
+            addresses[name], shapes[name] = self._buffer(name, host.nbytes), value.shape
+            self.cuda.htod(addresses[name], host, self.stream)
         backbone.set_shapes({"frames": frames.shape})
-        shapes = {n: backbone.output_shape(n) for n in backbone.outputs}  # p2..p5
+        shapes.update({n: backbone.output_shape(n) for n in backbone.outputs})  # p2..p5
         for name in backbone.outputs:
             addresses[name] = self._buffer(name, backbone.nbytes(name))
         backbone.execute(addresses, self.stream)
 
-        shapes["image_size"] = size.shape
         addresses["init_queries"] = self.query_buffers[self.current].ptr
         shapes["init_queries"] = self.q_star.shape
         for k in range(stages):

@@ -32,7 +32,9 @@ def _stage_inputs(first):
              for i, s in zip(range(2, 6), (4, 8, 16, 32))]
     if first:
         return feats + [{"name": "init_queries", "dtype": "float32", "shape": [N, C]},
-                        {"name": "image_size", "dtype": "float32", "shape": [2]}]
+                        {"name": "image_size", "dtype": "float32", "shape": [2]},
+                        {"name": "carried", "dtype": "float32", "shape": [N]},
+                        {"name": "carried_boxes", "dtype": "float32", "shape": [N, 4]}]
     return feats + [{"name": "queries_in", "dtype": "float32", "shape": [N, "T", C]},
                     {"name": "proposals_in", "dtype": "float32", "shape": [N, "T", 4]}]
 
@@ -105,7 +107,7 @@ def test_profiles_from_manifest_axes_and_overrides():
     backbone = {"inputs": [{"name": "frames", "dtype": "uint8", "shape": ["T", 3, "H", "W"]}]}
     assert P.profile_shapes(backbone, shapes) == {"frames": ((1, 3, 32, 32), (6, 3, 192, 341), (6, 3, 320, 480))}
     stage0 = P.profile_shapes({"inputs": _stage_inputs(True)}, shapes)
-    assert set(stage0) == {"p2", "p3", "p4", "p5"}  # init_queries, image_size are static
+    assert set(stage0) == {"p2", "p3", "p4", "p5"}  # init_queries, image_size, carried* are static
     assert stage0["p5"] == ((1, C, 1, 1), (6, C, 6, 11), (6, C, 10, 15))
     stage1 = P.profile_shapes({"inputs": _stage_inputs(False)}, shapes)
     assert stage1["queries_in"] == ((N, 1, C), (N, 6, C), (N, 6, C))

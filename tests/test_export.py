@@ -139,14 +139,20 @@ def run_graph(model_dir, name, feeds):
 # ONNX Runtime vs PyTorch
 # ------------------------------------------------------------------------------------------------
 
+def _carried(H, W):
+    """stage_0's carried proposals: slots 0 and 2 start from boxes of their own, 1 and 3 from the
+    learned ones."""
+    boxes = np.array([[0.1, 0.2, 0.5, 0.9], [0, 0, 1, 1], [0.4, 0.1, 0.95, 0.6], [0, 0, 1, 1]]) * [W, H, W, H]
+    return np.array([True, False, True, False]), boxes.astype(np.float32)
+
+
 @pytest.mark.parametrize("form", ["roialign", "gridsample", "grouped"])
 @pytest.mark.parametrize("T,H,W", SHAPES)
 def test_every_graph_matches_pytorch(form, T, H, W, model, exported, exported_gs, exported_grouped, request):
     model_dir = {"roialign": exported, "gridsample": exported_gs, "grouped": exported_grouped}[form][0]
     frames = synthetic_frames(T, H, W, seed=T)
-    image_size = np.array([H, W], np.float32)
     q0 = model.init_queries.weight.detach().numpy() + 0.1  # not q*: any clip's start queries
-    ref, feeds = E.torch_reference(model, frames, image_size, q0, form)
+    ref, feeds = E.torch_reference(model, frames, E.clip_start(q0, frames, _carried(H, W)), form)
     names = G.split_names(2) + ["model"] if form == "roialign" else ["stage_0", "mask_0"]
     errors = {}
     for name in names:
@@ -168,8 +174,8 @@ def test_gridsample_form_close_to_roialign_kernel(model, exported_gs):
     """The GridSample graphs against the RoiAlign-form PyTorch model (different float32 rounding)."""
     T, H, W = 2, 96, 160
     frames = synthetic_frames(T, H, W)
-    ref, feeds = E.torch_reference(model, frames, np.array([H, W], np.float32),
-                                   model.init_queries.weight.detach().numpy(), "roialign")
+    ref, feeds = E.torch_reference(model, frames, E.clip_start(model.init_queries.weight.detach().numpy(), frames),
+                                   "roialign")
     for name in ("stage_0", "mask_0"):
         got = run_graph(exported_gs[0], name, feeds[name])
         for out in set(got) - {"proposals"}:
@@ -180,14 +186,13 @@ def test_fused_graph_equals_stages_in_sequence(exported):
     model_dir = exported[0]
     T, H, W = 3, 80, 144
     frames = synthetic_frames(T, H, W, seed=5)
-    image_size = np.array([H, W], np.float32)
-    q0 = np.load(os.path.join(model_dir, "initial_queries.npy"))
+    start = E.clip_start(np.load(os.path.join(model_dir, "initial_queries.npy")), frames, _carried(H, W))
     feats = run_graph(model_dir, "backbone", {"frames": frames})
-    out = run_graph(model_dir, "stage_0", {**feats, "init_queries": q0, "image_size": image_size})
+    out = run_graph(model_dir, "stage_0", {**feats, **start})
     out = run_graph(model_dir, "stage_1", {**feats, "queries_in": out["queries"],
                                            "proposals_in": out["proposals"]})
     out.update(run_graph(model_dir, "mask_1", {**feats, "attended": out["attended"], "proposals": out["proposals"]}))
-    fused = run_graph(model_dir, "model", {"frames": frames, "init_queries": q0, "image_size": image_size})
+    fused = run_graph(model_dir, "model", {"frames": frames, **start})
     assert list(fused) == list(G.FUSED_OUTPUTS)
     for name in G.FUSED_OUTPUTS:
         assert np.abs(fused[name] - out[name]).max() <= tolerance(name, out[name], 1e-5), name
@@ -211,10 +216,12 @@ def test_graph_interface_names_and_shapes(exported):
         "backbone": ([("frames", 2, ["T", 3, "H", "W"])],
                      [(f"p{k}", 1, ["T", 32, f"H{2 ** k}", f"W{2 ** k}"]) for k in (2, 3, 4, 5)]),
         "stage_0": ([(f"p{k}", 1, ["T", 32, f"H{2 ** k}", f"W{2 ** k}"]) for k in (2, 3, 4, 5)]
-                    + [("init_queries", 1, [4, 32]), ("image_size", 1, [2])], None),
+                    + [("init_queries", 1, [4, 32]), ("image_size", 1, [2]), ("carried", 1, [4]),
+                       ("carried_boxes", 1, [4, 4])], None),
         "stage_1": ([(f"p{k}", 1, ["T", 32, f"H{2 ** k}", f"W{2 ** k}"]) for k in (2, 3, 4, 5)]
                     + [("queries_in", 1, [4, "T", 32]), ("proposals_in", 1, [4, "T", 4])], None),
-        "model": ([("frames", 2, ["T", 3, "H", "W"]), ("init_queries", 1, [4, 32]), ("image_size", 1, [2])],
+        "model": ([("frames", 2, ["T", 3, "H", "W"]), ("init_queries", 1, [4, 32]), ("image_size", 1, [2]),
+                   ("carried", 1, [4]), ("carried_boxes", 1, [4, 4])],
                   [("class_logits", 1, [4, "T", 3]), ("proposals", 1, [4, "T", 4]),
                    ("mask_probs", 1, [4, "T", 28, 28]), ("next_queries", 1, [4, 32])]),
         "mask_0": mask_head, "mask_1": mask_head,
@@ -334,7 +341,8 @@ def test_manifest_load_verifies_every_file(exported, tmp_path):
         manifest_lib.load(copy)
     assert evis(["check", copy]) == 1  # the check reads the manifest too
     for version, message in ((1, "older evis export .*mask logits.* export the checkpoint again"),
-                             (2, "older evis export .*mask heads.* export the checkpoint again"), (99, "newer than")):
+                             (2, "older evis export .*mask heads.* export the checkpoint again"),
+                             (3, "older evis export .*no carried/carried_boxes inputs"), (99, "newer than")):
         data = json.load(open(os.path.join(exported[0], "manifest.json")))
         data["format_version"] = version
         with open(os.path.join(copy, "manifest.json"), "w") as f:
@@ -362,15 +370,22 @@ def test_roi_align_forms_agree(capsys):
     assert len(err) == 1 and "--roi-align sets the form of the export evis bench makes" in err[0], err
 
 
-def test_a_model_that_carries_proposals_is_refused_in_one_line(checkpoint_path, tmp_path):
-    """model.carry_proposals changes what stage_0 starts from: the graphs would silently drop it."""
+def test_the_manifest_says_whether_the_model_carries_proposals(exported, checkpoint_path, tmp_path):
+    """model.carry_proposals is a rule of the clip loop, not of the graphs: the manifest carries
+    its threshold to the runtime (null: the paper's learned proposals every clip)."""
+    assert exported[1]["carry_threshold"] is None
+    assert manifest_lib.load(exported[0]).loop_options().carry_threshold is None
     ckpt = checkpoint.load(checkpoint_path)
-    ckpt["config"]["model"]["carry_proposals"] = True
+    ckpt["config"]["model"].update(carry_proposals=True, carry_threshold=0.3)
     path = str(tmp_path / "carry.pt")
     checkpoint.save(path, **ckpt)
-    with pytest.raises(UserError, match="carry.pt: model.carry_proposals is not exportable yet"):
-        E.export_model(path, str(tmp_path / "model"), log=lambda m: None)
-    assert not os.path.exists(tmp_path / "model")
+    data = E.export_model(path, str(tmp_path / "model"), verify=False, max_clip=2, log=lambda m: None)
+    assert data["carry_threshold"] == 0.3
+    assert manifest_lib.load(str(tmp_path / "model")).loop_options().carry_threshold == 0.3
+    data["carry_threshold"] = "yes"
+    manifest_lib.write(str(tmp_path / "model"), data)
+    with pytest.raises(UserError, match=r"manifest.json: carry_threshold must be null or a number in \[0, 1\], got 'yes'"):
+        manifest_lib.load(str(tmp_path / "model")).loop_options()
 
 
 def test_manifest_module_imports_neither_torch_nor_onnx():

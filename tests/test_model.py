@@ -11,6 +11,7 @@ from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import ModelConfig, load_config
 from efficientvis.training.dynamic_conv import TemporalDynamicConv
+from efficientvis.runtime.clip_loop import carried_proposals
 from efficientvis.training.infer import TorchBackend
 from efficientvis.training.model import build_model
 from efficientvis.training.query_attention import TrackletSelfAttention
@@ -134,14 +135,27 @@ def test_carried_proposals_replace_the_learned_ones_of_active_slots_only():
         moved = model(frames, carried=(torch.tensor([[True, False, False, False]]), box))
     # the active slot's first iteration pools its carried box (the others see it in self-attention)
     assert not torch.allclose(moved["stages"][0]["boxes"][0, 0], out["stages"][0]["boxes"][0, 0])
-    # evis infer's backend carries them from clip to clip; a reset slot starts from q* and the learned box
+    # carried boxes are clipped to the image; one with no pixel inside starts from the learned box
+    size = torch.tensor([[64.0, 96.0]])
+    off = torch.tensor([[[-30.0, 10.0, 50.0, 80.0], [100.0, 5.0, 140.0, 30.0], [5.0, -9.0, 20.0, 0.5],
+                         [1.0, 2.0, 3.0, 4.0]]])
+    start = model.initial_proposals(size, 2, (torch.tensor([[True, True, True, False]]), off))
+    torch.testing.assert_close(start[0, :, 1], torch.stack([torch.tensor([0.0, 10.0, 50.0, 64.0]),
+                                                            learned[0, 1], learned[0, 2], learned[0, 3]]))
+    # the runtime's clip loop applies the same rule to a backend's numpy outputs (a reset slot
+    # does not carry: it starts from q* and the learned box)
+    probs = last["class_logits"][0].sigmoid().numpy()
+    got_active, got_boxes = carried_proposals(probs, last["boxes"][0].numpy(), 0.2, np.zeros(4, bool))
+    np.testing.assert_array_equal(got_active, active[0].numpy())
+    np.testing.assert_array_equal(got_boxes, boxes[0].numpy())
+    reset = np.array([True, False, True, False])
+    assert not carried_proposals(probs, last["boxes"][0].numpy(), 0.0, reset)[0][reset].any()
+    # evis infer's backend takes them as the graphs do: (active (N,) bool, boxes (N, 4)) numpy
     backend = TorchBackend(model, "cpu")
     backend.start_video()
-    first = backend.run_clip(frames[0].numpy(), np.zeros(4, bool))
-    backend.run_clip(frames[0].numpy(), np.zeros(4, bool))
-    assert backend.carried is not None
-    again = backend.run_clip(frames[0].numpy(), np.ones(4, bool))
-    np.testing.assert_allclose(again["boxes"], first["boxes"], rtol=1e-5, atol=1e-4)
+    got = backend.run_clip(frames[0].numpy(), np.zeros(4, bool), None, (np.array([True, False, False, False]),
+                                                                         box[0].numpy()))
+    torch.testing.assert_close(torch.from_numpy(got["boxes"]), moved["stages"][-1]["boxes"][0])
 
 
 def test_inference_clip_length_defaults_to_the_trained_T():

@@ -3,10 +3,12 @@ torch made unimportable, TensorRT engine metadata (TensorRT itself only where it
 
 One tiny random-weight model (ResNet-18 at 1/4 width, C=32, N=4, M=2, T=4, 64-pixel frames) is
 exported once per session with `evis export` (efficientvis.export.export); its class biases are
-raised so that most slots are foreground and there are tracks to compare.
+raised so that most slots are foreground and there are tracks to compare. It is configured with
+model.carry_proposals, so the clip loop feeds stage_0 carried boxes wherever a manifest is read.
 """
 
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +26,7 @@ import pytest
 
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as outputs_mod
-from efficientvis.runtime.clip_loop import FrameResult, Instance, LoopOptions, run_clips
+from efficientvis.runtime.clip_loop import FrameResult, Instance, LoopOptions, carried_proposals, run_clips
 from efficientvis.runtime.trt_backend import check_engine_metadata, is_engine_dir, read_engine_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +55,7 @@ def exported(tmp_path_factory):
     cfg.model.clip_length, cfg.model.ffn_dim, cfg.model.dynamic_dim = 4, 64, 8
     cfg.model.mask_convs, cfg.model.mask_conv_dim = 4, 0  # the QueryInst mask head, not the tiny recipe's
     cfg.data.test_size, cfg.data.max_size = 64, 112
+    cfg.model.carry_proposals, cfg.model.carry_threshold = True, 0.2
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     with torch.no_grad():  # most slots foreground, classes differing: tracks to compare
@@ -111,6 +114,11 @@ def _assert_close(a, b, name, atol=1e-4, rtol=1e-5):
     return err
 
 
+def _carry(out, reset):
+    """The clip loop's carried proposals after a clip's outputs (the fixture model's threshold)."""
+    return carried_proposals(1 / (1 + np.exp(-out["class_logits"])), out["boxes"], 0.2, reset)
+
+
 def test_ort_backend_matches_pytorch_per_clip(exported):
     from efficientvis.runtime.ort_backend import OrtBackend
 
@@ -120,15 +128,18 @@ def test_ort_backend_matches_pytorch_per_clip(exported):
     rng = np.random.default_rng(0)
     torch_b.start_video()
     ort_b.start_video()
-    errors = {}
-    # full clips, a shorter last clip, another frame size, a reset of two slots
+    errors, carried = {}, None
+    # full clips, a shorter last clip, another frame size, a reset of two slots; carried proposals
+    # from the second clip on (the first frame size's boxes: the runtime never changes size mid-video)
     for i, (T, H, W) in enumerate([(4, 64, 112), (4, 64, 112), (2, 64, 112), (3, 96, 64)]):
         frames = rng.integers(0, 256, (T, 3, H, W), dtype=np.uint8)
         reset = np.zeros(4, bool)
         if i == 2:
             reset[[1, 3]] = True
-        ref = torch_b.run_clip(frames, reset)
-        got = ort_b.run_clip(frames, reset)
+        ref = torch_b.run_clip(frames, reset, None, carried)
+        got = ort_b.run_clip(frames, reset, None, carried)
+        carried = _carry(ref, reset)
+        carried[0][0] = False  # one slot from the learned boxes
         for key in ("class_logits", "boxes", "mask_probs"):
             assert got[key].shape == ref[key].shape and got[key].dtype == np.float32
             # boxes are pixels (values up to ~10^2..10^3): 1e-4 absolute plus float32 relative slack
@@ -148,12 +159,14 @@ def test_anytime_inference_and_io_binding_path(exported):
     rng = np.random.default_rng(1)
     for b in (torch_b, plain, bound):
         b.start_video()
+    carried = None
     for i in range(3):
         frames = rng.integers(0, 256, (4, 3, 64, 112), dtype=np.uint8)
         reset = np.array([False, i == 2, False, False])
-        ref = torch_b.run_clip(frames, reset, 1)
-        a = plain.run_clip(frames, reset, 1)
-        b = bound.run_clip(frames, reset, 1)
+        ref = torch_b.run_clip(frames, reset, 1, carried)
+        a = plain.run_clip(frames, reset, 1, carried)
+        b = bound.run_clip(frames, reset, 1, carried)
+        carried = _carry(ref, reset)
         for key in ref:
             _assert_close(a[key], ref[key], key)
             np.testing.assert_array_equal(a[key], b[key])
@@ -178,14 +191,16 @@ def test_fused_model_matches_split_graphs(exported):
     rng = np.random.default_rng(2)
     for b in (split, fused, fused_bound):
         b.start_video()
+    carried = None
     for i in range(3):
         frames = rng.integers(0, 256, (4 - i, 3, 64, 112), dtype=np.uint8)
         reset = np.array([i == 1, False, False, i == 1])
-        ref = split.run_clip(frames, reset)
+        ref = split.run_clip(frames, reset, None, carried)
         for b in (fused, fused_bound):
-            got = b.run_clip(frames, reset)
+            got = b.run_clip(frames, reset, None, carried)
             for key in ref:
                 _assert_close(got[key], ref[key], key, atol=1e-5)
+        carried = _carry(ref, reset)
     with pytest.raises(UserError, match="anytime inference"):
         fused.run_clip(frames, None, 1)
 
@@ -194,10 +209,12 @@ def test_same_tracks_as_pytorch_over_a_video(exported, video):
     from efficientvis.runtime.ort_backend import OrtBackend
 
     torch_b, cfg = _torch_backend(exported)
-    options = LoopOptions(clip_length=4, size=cfg.data.test_size, max_size=cfg.data.max_size)
+    ort_b = OrtBackend(exported["model_dir"], threads=1)
+    options = ort_b.manifest.loop_options(4)  # carried proposals (threshold 0.2) from the manifest
+    assert options.carry_threshold == 0.2 and options.size == cfg.data.test_size
     frames = _read_frames(video["path"])
     ref = list(run_clips(torch_b, iter(frames), options))
-    got = list(run_clips(OrtBackend(exported["model_dir"], threads=1), iter(frames), options))
+    got = list(run_clips(ort_b, iter(frames), options))
     assert len(ref) == len(got) == video["frames"]
     n_instances = 0
     for r, g in zip(ref, got):
@@ -745,12 +762,14 @@ def test_trt_backend_plumbing_matches_onnxruntime(exported, video, tmp_path, mon
     rng = np.random.default_rng(4)
     for b in (trt_b, ort_b):
         b.start_video()
+    carried = None
     for i, (T, H, W, stages) in enumerate([(4, 64, 112, None), (4, 64, 112, 1), (2, 96, 128, None),
                                            (3, 64, 96, 2), (4, 64, 112, None)]):
         frames = rng.integers(0, 256, (T, 3, H, W), dtype=np.uint8)
         reset = np.array([i == 3, False, i == 3, False])
-        ref = ort_b.run_clip(frames, reset, stages)
-        got = trt_b.run_clip(frames, reset, stages)
+        ref = ort_b.run_clip(frames, reset, stages, carried)
+        got = trt_b.run_clip(frames, reset, stages, carried)
+        carried = _carry(ref, reset)
         for key in ref:
             assert got[key].dtype == np.float32 and got[key].shape == ref[key].shape, key
             _assert_close(got[key], ref[key], key, atol=1e-5)
@@ -758,13 +777,12 @@ def test_trt_backend_plumbing_matches_onnxruntime(exported, video, tmp_path, mon
     trt_b.run_clip(frames[:1], None)
     np.testing.assert_array_equal(got["mask_probs"], kept)  # results are not views of reused buffers
     host_side = [pinned for _, pinned in cudart.copies]
-    assert host_side.count(True) >= 5 * 5  # per clip: frames, image size, 3 results
+    assert host_side.count(True) >= 5 * 7  # per clip: frames, image size, carried (2), 3 results
     with pytest.raises(UserError, match="--stages must be 1..2"):
         trt_b.run_clip(frames, None, 3)
 
     # whole video through the clip loop: the same tracks as ONNX Runtime
-    _, cfg = _torch_backend(exported)
-    options = LoopOptions(clip_length=4, size=cfg.data.test_size, max_size=cfg.data.max_size)
+    options = ort_b.manifest.loop_options(4)  # with the manifest's carried proposals
     frames = _read_frames(video["path"])
     ref = list(run_clips(OrtBackend(exported["model_dir"], threads=1), iter(frames), options))
     got = list(run_clips(trt_b, iter(frames), options))
@@ -849,12 +867,47 @@ class _ScriptedModel:
 
     def __init__(self, out):
         self.out = out
+        self.calls = []  # (reset, carried) of every clip
 
     def start_video(self):
         pass
 
-    def run_clip(self, frames, reset, num_iterations=None):
-        return self.out
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
+        self.calls.append((np.array(reset), carried))
+        return self.out() if callable(self.out) else self.out
+
+
+def test_the_clip_loop_carries_the_boxes_of_foreground_slots_only():
+    """With a manifest's carry_threshold, a slot whose class probability reached it in some frame
+    starts the next clip from its last-frame box (input pixels, as the graphs output them); a
+    background slot, a reset slot and a model without the rule carry nothing."""
+    T, S = 2, 4
+    clips = iter(range(4))
+
+    def out():
+        k = next(clips)
+        logits = np.full((2, T, 3), -5.0, np.float32)
+        logits[0, 1, 2] = 0.0 if k < 3 else -5.0  # slot 0: p 0.5 in one frame of clips 0-2
+        boxes = np.stack([np.tile([k, k, 10 + k, 12 + k], (T, 1)), np.tile([1, 2, 3, 4], (T, 1))]).astype(np.float32)
+        boxes[0, -1] += 100  # the last frame's box is the carried one
+        return {"class_logits": logits, "boxes": boxes, "mask_probs": np.zeros((2, T, S, S), np.float32)}
+
+    backend = _ScriptedModel(out)
+    frames = [np.zeros((64, 64, 3), np.uint8)] * (4 * T)
+    options = LoopOptions(clip_length=T, size=64, max_size=64, carry_threshold=0.3, reset_after=1)
+    list(run_clips(backend, iter(frames), options))
+    carried = [c for _, c in backend.calls]
+    assert carried[0] is None  # a video's first clip: the learned proposals
+    for k in (1, 2, 3):
+        active, boxes = carried[k]
+        assert active.tolist() == [True, False]  # slot 1 is background: reset after 1 clip, never carried
+        np.testing.assert_array_equal(boxes[0], [k + 99, k + 99, k + 109, k + 111])
+    assert backend.calls[2][0].tolist() == [False, True]
+    with pytest.raises(UserError, match=r"model.carry_threshold = 1.5 is out of range"):
+        LoopOptions(clip_length=4, size=64, max_size=112, carry_threshold=1.5)
+    backend.calls, clips = [], iter(range(4))
+    list(run_clips(backend, iter(frames), dataclasses.replace(options, carry_threshold=None)))
+    assert [c for _, c in backend.calls] == [None] * 4
 
 
 def test_a_hidden_duplicate_is_output_where_its_kept_slot_has_no_mask():

@@ -11,6 +11,7 @@ Hand-crafted linking (Table 1d ablation): every clip starts from q*, and trackle
 clips are linked by Hungarian matching on box IoU, box L1, mask IoU and class agreement.
 """
 
+import numpy as np
 import torch
 
 from efficientvis.errors import UserError
@@ -34,18 +35,17 @@ class TorchBackend:
     @torch.no_grad()
     def start_video(self):
         self.queries = self.model.init_queries.weight[None].clone()
-        self.carried = None
 
     @torch.no_grad()
-    def run_clip(self, frames, reset, num_iterations=None):
+    def run_clip(self, frames, reset, num_iterations=None, carried=None):
         if reset is not None and reset.any():
             mask = torch.as_tensor(reset, device=self.device)
             self.queries[0, mask] = self.model.init_queries.weight[mask]
-            if self.carried is not None:
-                self.carried[0][0, mask] = False
+        if carried is not None:  # the clip loop's (active (N,), boxes (N, 4)), as the graphs take it
+            carried = tuple(torch.as_tensor(np.asarray(c))[None].to(self.device) for c in carried)
         x = torch.from_numpy(frames)[None].to(self.device)
-        out = self.model(x, init_queries=self.queries, num_iterations=num_iterations, carried=self.carried)
-        self.queries, self.carried = out["next_queries"], out.get("carried")
+        out = self.model(x, init_queries=self.queries, num_iterations=num_iterations, carried=carried)
+        self.queries = out["next_queries"]
         last = out["stages"][-1]
         return {"class_logits": last["class_logits"][0].float().cpu().numpy(),
                 "boxes": last["boxes"][0].float().cpu().numpy(),
@@ -69,7 +69,8 @@ def loop_options(cfg):
     return LoopOptions(clip_length=inference_clip_length(cfg), size=cfg.data.test_size,
                        max_size=cfg.data.max_size, num_iterations=cfg.infer.num_iterations,
                        background_threshold=cfg.infer.background_threshold,
-                       reset_after=cfg.infer.reset_after, duplicate_iou=cfg.infer.duplicate_iou)
+                       reset_after=cfg.infer.reset_after, duplicate_iou=cfg.infer.duplicate_iou,
+                       carry_threshold=cfg.model.carry_threshold if cfg.model.carry_proposals else None)
 
 
 def infer_dataset(model, cfg, gt, image_root, out_path, device, progress=True, category_ids=None):

@@ -63,11 +63,21 @@ class EfficientVIS(nn.Module):
             frames = frames.contiguous(memory_format=torch.channels_last)
         return self.backbone(frames)
 
-    def initial_proposals(self, image_sizes, T):
-        """image_sizes (B, 2) = (height, width) -> (B, N, T, 4) xyxy pixels."""
+    def initial_proposals(self, image_sizes, T, carried=None):
+        """image_sizes (B, 2) = (height, width) -> (B, N, T, 4) xyxy pixels: the learned boxes, or
+        for the slots `carried` marks, their box from the previous clip (model.carry_proposals)
+        clipped to the image; one that is not at least a pixel wide and high inside the image
+        starts from the learned box (boxes would otherwise drift off the image clip after clip).
+        carried: (active (B, N) bool, last-frame boxes (B, N, 4) xyxy pixels) or None."""
         h, w = image_sizes[:, 0], image_sizes[:, 1]
         scale = torch.stack([w, h, w, h], -1)[:, None, :]  # (B, 1, 4)
         boxes = cxcywh_to_xyxy(self.init_boxes.weight)[None] * scale  # (B, N, 4)
+        if carried is not None:
+            active, last = carried
+            last = torch.minimum(last.to(boxes.dtype).clamp(min=0), scale)
+            sizes = last[..., 2:] - last[..., :2]  # (B, N, 2)
+            active = active & (sizes >= 1).all(-1)
+            boxes = torch.where(active[:, :, None], last, boxes)
         return boxes[:, :, None, :].expand(-1, -1, T, -1)
 
     def initial_queries(self, B, T, init_queries=None):
@@ -89,16 +99,17 @@ class EfficientVIS(nn.Module):
         iterations' outputs come back under "denoise" (one list of stages per clip, or None).
         `masks` overrides which iterations run the mask head: "all", "last" or "none" (only the
         queries are wanted, e.g. training's lead clips; queries never depend on the masks).
+        `carried`: see `initial_proposals`. With model.carry_proposals the output's "carried" is the
+        next clip's: slots whose class probability reached carry_threshold in some frame and class
+        of the last iteration, with that iteration's last-frame boxes (the runtime's clip loop
+        applies the same rule to the exported graphs' outputs).
         """
         B, T, _, H, W = frames.shape
         if image_sizes is None:
             image_sizes = frames.new_tensor([[H, W]], dtype=torch.float32).expand(B, 2)
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
-        boxes = self.initial_proposals(image_sizes.float(), T)
-        if carried is not None:  # (active (B, N) bool, last-frame boxes (B, N, 4)) of the previous clip
-            active, last = carried
-            boxes = torch.where(active[:, :, None, None], last[:, :, None, :].expand_as(boxes), boxes)
+        boxes = self.initial_proposals(image_sizes.float(), T, carried)
         stages = self.iterate(features, queries, boxes, num_iterations, masks or ("all" if self.training else "last"))
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
         if self.cfg.carry_proposals:
