@@ -26,7 +26,8 @@ How each graph is made:
   verification below covers the simplified graphs.
 - Verification (unless `--no-verify`): every graph runs in ONNX Runtime (CPU) at a clip length and
   frame size different from the traced ones: the backbone and each stage against the PyTorch
-  wrappers on the same inputs (random uint8 frames; features, queries and proposals from PyTorch),
+  wrappers on the same inputs (random uint8 frames, every other slot starting from a carried box;
+  features, queries and proposals from PyTorch),
   the fused graph against the split graphs run in sequence. The max abs error per output goes into
   the manifest; an error above 1e-3 + 1e-5 * max|reference| fails the export.
 

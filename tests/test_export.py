@@ -140,10 +140,11 @@ def run_graph(model_dir, name, feeds):
 # ------------------------------------------------------------------------------------------------
 
 def _carried(H, W):
-    """stage_0's carried proposals: slots 0 and 2 start from boxes of their own, 1 and 3 from the
-    learned ones."""
-    boxes = np.array([[0.1, 0.2, 0.5, 0.9], [0, 0, 1, 1], [0.4, 0.1, 0.95, 0.6], [0, 0, 1, 1]]) * [W, H, W, H]
-    return np.array([True, False, True, False]), boxes.astype(np.float32)
+    """stage_0's carried proposals: slot 0 starts from a box of its own, slot 1 from one clipped to
+    the image, slot 2 from the learned box (its carried box has no pixel inside), slot 3 from the
+    learned box (not carried)."""
+    boxes = np.array([[0.1, 0.2, 0.5, 0.9], [0.4, -0.1, 1.3, 0.6], [1.1, 0.1, 1.5, 0.6], [0, 0, 1, 1]]) * [W, H, W, H]
+    return np.array([True, True, True, False]), boxes.astype(np.float32)
 
 
 @pytest.mark.parametrize("form", ["roialign", "gridsample", "grouped"])
