@@ -3,7 +3,8 @@
 Calibration inputs are recorded, not synthesised: the FP32 ONNX graphs run through the runtime's
 own clip loop (`runtime/clip_loop.run_clips` over `runtime/ort_backend.OrtBackend`, CPU), so each
 stage sees realistic features, and stage_0 sees realistic `init_queries` -- q* on a video's first
-clip, the previous clip's `next_queries` (and slots reset to q*) afterwards. A thin proxy around
+clip, the previous clip's `next_queries` (and slots reset to q*) afterwards -- and, for a model
+trained with carried proposals, the carried boxes the clip loop gives it. A thin proxy around
 each ONNX Runtime session copies the inputs of every call to disk (.npy files; the FPN features every
 stage of a clip reads are written once), which keeps memory flat for large models (a 360x640 clip
 of 9 frames is ~170 MB of FPN features).

@@ -17,7 +17,8 @@ deserialised. `tensorrt` and `cuda-python` are imported only when a TrtBackend i
 Memory: every I/O tensor has one device buffer (cudaMalloc, grown when a larger shape comes);
 the FPN features and the stage-to-stage queries/proposals never leave the device; the recurrent
 queries live in two device buffers that swap roles every clip (stage_0 reads one, the last stage
-run writes `next_queries` into the other). The frames go up, and only the last stage's class
+run writes `next_queries` into the other). The frames and stage_0's small clip-start inputs
+(image_size, carried, carried_boxes) go up, and only the last stage's class
 logits, boxes and mask probabilities come back, through pinned host buffers (cudaMallocHost,
 grown like the device ones), so every copy is queued on the one CUDA stream without the host
 waiting for it: the host waits once per clip, for the results.
