@@ -68,7 +68,7 @@ def main(argv=None):
 
     from efficientvis.export import graphs as G
     from efficientvis.export.bench import parse_size
-    from efficientvis.export.export import torch_reference
+    from efficientvis.export.export import clip_start, torch_reference
     from efficientvis.runtime import manifest as manifest_lib
     from efficientvis.training.infer import load_model
 
@@ -89,9 +89,8 @@ def main(argv=None):
     model, cfg, _ = load_model(args.checkpoint, "cpu")
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.clip, 3, H, W), dtype=np.uint8)
-    image_size = np.array([H, W], np.float32)
     index = args.graph.split("_")[-1]
-    _, feeds = torch_reference(model, frames, image_size, m.initial_queries, m.data.get("roi_align", "roialign"),
+    _, feeds = torch_reference(model, frames, clip_start(m.initial_queries, frames), m.data.get("roi_align", "roialign"),
                                num_stages=int(index) + 1 if index.isdigit() else None)
     feed = feeds[args.graph]
     path = m.path(args.graph)

@@ -54,7 +54,7 @@ from efficientvis import __version__
 from efficientvis.errors import UserError
 from efficientvis.export import graphs as G
 from efficientvis.runtime import manifest as manifest_lib
-from efficientvis.runtime.clip_loop import carried_inputs
+from efficientvis.runtime.carry import carried_inputs
 
 # --roi-align: how the stages and mask heads pool (training/roi_align.py, export modes)
 ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSample at every FPN level",
@@ -642,6 +642,9 @@ def export_model(checkpoint, out_dir, roi_form="roialign", fused=False, opset=DE
         raise UserError(f"--opset must be in {MIN_OPSET}..{MAX_OPSET} (TensorRT 10.x parses opsets "
                         f"up to 20), got {opset}")
     model, cfg, class_names = load_model(checkpoint, "cpu")
+    if cfg.model.carry_proposals and not 0.0 <= cfg.model.carry_threshold <= 1.0:
+        raise UserError(f"checkpoint {checkpoint}: model.carry_threshold must be in [0, 1], "
+                        f"got {cfg.model.carry_threshold}")
     K = cfg.model.num_classes
     max_clip = inference_clip_length(cfg) if max_clip is None else int(max_clip)
     if max_clip < 1:

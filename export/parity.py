@@ -404,7 +404,9 @@ def _check_pair(model, cfg, manifest, checkpoint, model_dir):
     """UserError when MODEL_DIR is not an export of CKPT (sizes or q* differ)."""
     mc = cfg.model
     pairs = {"N": (mc.num_queries, manifest.num_queries), "C": (mc.hidden_dim, manifest.hidden_dim),
-             "M": (mc.num_iterations, manifest.num_stages), "K": (mc.num_classes, manifest.num_classes)}
+             "M": (mc.num_iterations, manifest.num_stages), "K": (mc.num_classes, manifest.num_classes),
+             "carry_threshold": (float(mc.carry_threshold) if mc.carry_proposals else None,
+                                 manifest.carry_threshold)}
     bad = [f"{k} {a} vs {b}" for k, (a, b) in pairs.items() if a != b]
     q = model.init_queries.weight.detach().float().cpu().numpy()
     if not bad and not np.allclose(q, manifest.initial_queries, rtol=0, atol=1e-6):
@@ -431,7 +433,7 @@ def _first_clips(gt, image_root, options, count):
 def per_graph_parity(backend, model, manifest, clips, roi_form):
     """{graph: {output: worst stats over the clips}} of an OrtBackend's graphs on PyTorch's inputs."""
     from efficientvis.export.export import clip_start, torch_reference
-    from efficientvis.runtime.clip_loop import carried_proposals
+    from efficientvis.runtime.carry import carried_proposals
     from efficientvis.runtime.postprocess import sigmoid
 
     sessions = getattr(backend, "sessions", None)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from efficientvis.errors import UserError
+from efficientvis.runtime.carry import carried_proposals
 from efficientvis.runtime.postprocess import paste_mask, pixel_box, scale_boxes, sigmoid
 from efficientvis.runtime.preprocess import preprocess_frames
 from efficientvis.runtime.tracker import SlotTracker
@@ -72,24 +73,6 @@ class LoopOptions:
                 raise UserError(f"{owner}.{name} = {getattr(self, name)!r} is out of range (clip_length, "
                                 f"reset_after >= 1; num_iterations >= 0; background_threshold, "
                                 f"duplicate_iou, carry_threshold in [0, 1])")
-
-
-def carried_proposals(probs, boxes, threshold, reset):
-    """The next clip's `carried` argument (see the backend interface above) for a model trained
-    with model.carry_proposals (`EfficientVIS.forward`'s rule): the slots whose class probability
-    reached `threshold` in some frame of this clip start the next one from their last-frame box,
-    except slots reset before it. probs (N, T, K), boxes (N, T, 4) input pixels, reset (N,) bool."""
-    active = (probs.max(axis=(1, 2)) >= threshold) & ~np.asarray(reset, bool)
-    return active, np.ascontiguousarray(boxes[:, -1], np.float32)
-
-
-def carried_inputs(carried, num_queries):
-    """A backend's `carried` argument -> the graphs' float32 inputs carried (N,) and carried_boxes
-    (N, 4); None: no slot carries (the learned proposals everywhere, the paper's rule)."""
-    if carried is None:
-        return np.zeros(num_queries, np.float32), np.zeros((num_queries, 4), np.float32)
-    active, boxes = carried
-    return np.asarray(active, np.float32), np.ascontiguousarray(boxes, np.float32)
 
 
 def clip_frames(frames, clip_length):

@@ -41,7 +41,7 @@ import numpy as np
 
 from efficientvis.errors import UserError, one_line
 from efficientvis.runtime import manifest as manifest_lib
-from efficientvis.runtime.clip_loop import carried_inputs
+from efficientvis.runtime.carry import carried_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}

@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from efficientvis.errors import UserError
-from efficientvis.runtime.clip_loop import carried_inputs
+from efficientvis.runtime.carry import carried_inputs
 
 ENGINE_SUFFIX = ".engine"
 METADATA_SUFFIX = ".engine.json"

@@ -11,7 +11,7 @@ from efficientvis.errors import UserError
 from efficientvis.training import checkpoint
 from efficientvis.training.config import ModelConfig, load_config
 from efficientvis.training.dynamic_conv import TemporalDynamicConv
-from efficientvis.runtime.clip_loop import carried_proposals
+from efficientvis.runtime.carry import carried_proposals
 from efficientvis.training.infer import TorchBackend
 from efficientvis.training.model import build_model
 from efficientvis.training.query_attention import TrackletSelfAttention

@@ -198,6 +198,13 @@ def test_parity_refuses_a_model_dir_of_another_checkpoint(tiny, tmp_path, capsys
     rc = evis(["parity", "--checkpoint", other, "--model", tiny["model_dir"], "--data", tiny["data"]])
     err = capsys.readouterr().err
     assert rc == 1 and "is not an export of" in err and "q*" in err
+    # same weights, but trained to carry proposals: the export's runtime would not carry them
+    model, cfg, names = load_model(tiny["checkpoint"], "cpu")
+    cfg.model.carry_proposals = True
+    checkpoint.save(other, model=model.state_dict(), config=cfg.to_dict(), class_names=names)
+    rc = evis(["parity", "--checkpoint", other, "--model", tiny["model_dir"], "--data", tiny["data"]])
+    err = capsys.readouterr().err
+    assert rc == 1 and "is not an export of" in err and "carry_threshold 0.2 vs None" in err
 
 
 def test_tolerance_flags():

@@ -26,7 +26,8 @@ import pytest
 
 from efficientvis.errors import UserError
 from efficientvis.runtime import outputs as outputs_mod
-from efficientvis.runtime.clip_loop import FrameResult, Instance, LoopOptions, carried_proposals, run_clips
+from efficientvis.runtime.carry import carried_proposals
+from efficientvis.runtime.clip_loop import FrameResult, Instance, LoopOptions, run_clips
 from efficientvis.runtime.trt_backend import check_engine_metadata, is_engine_dir, read_engine_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,6 +326,23 @@ def test_runtime_runs_with_torch_unimportable(exported, tmp_path):
                            "from efficientvis.cli import main\nsys.exit(main(['run', '--help']))"],
                           env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--source" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_backends_and_engine_builder_import_without_opencv():
+    """OpenCV is an extra (pyproject.toml): `evis build` and the backends must not need it."""
+    script = textwrap.dedent("""
+        import sys
+        class _NoCv2:
+            def find_spec(self, name, path=None, target=None):
+                if name == "cv2" or name.startswith("cv2."):
+                    raise ImportError("cv2 is blocked in this test")
+                return None
+        sys.meta_path.insert(0, _NoCv2())
+        import efficientvis.runtime.ort_backend, efficientvis.runtime.trt_backend, efficientvis.export.engine
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

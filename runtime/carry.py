@@ -1,0 +1,29 @@
+"""Carried proposals (model.carry_proposals, not in the paper): which slots start the next clip
+from their own last box instead of the learned proposals, and the graph inputs that say so.
+
+numpy only: the clip loop decides them (`carried_proposals`), and every backend turns them into
+stage_0's `carried` / `carried_boxes` inputs (`carried_inputs`), the TensorRT backend and the
+engine builder included, which must not need OpenCV. The boxes are clipped to the image inside
+the graph (`EfficientVIS.initial_proposals`).
+"""
+
+import numpy as np
+
+
+def carried_proposals(probs, boxes, threshold, reset):
+    """The next clip's `carried` argument (the backend interface in runtime/clip_loop.py) for a
+    model trained with model.carry_proposals (`EfficientVIS.forward`'s rule): the slots whose class
+    probability reached `threshold` in some frame of this clip start the next one from their
+    last-frame box, except slots reset before it. probs (N, T, K), boxes (N, T, 4) input pixels,
+    reset (N,) bool."""
+    active = (probs.max(axis=(1, 2)) >= threshold) & ~np.asarray(reset, bool)
+    return active, np.ascontiguousarray(boxes[:, -1], np.float32)
+
+
+def carried_inputs(carried, num_queries):
+    """A backend's `carried` argument -> the graphs' float32 inputs carried (N,) and carried_boxes
+    (N, 4); None: no slot carries (the learned proposals everywhere, the paper's rule)."""
+    if carried is None:
+        return np.zeros(num_queries, np.float32), np.zeros((num_queries, 4), np.float32)
+    active, boxes = carried
+    return np.asarray(active, np.float32), np.ascontiguousarray(boxes, np.float32)
