@@ -296,15 +296,21 @@ def test_requested_gpu_provider_falls_back_with_a_warning(exported, capsys):
 # ----------------------------------------------------------------------------------------------
 # torch made unimportable
 
-def test_runtime_runs_with_torch_unimportable(exported, tmp_path):
-    script = textwrap.dedent(f"""
+def _blocking(module):
+    """The start of a Python script in which `module` cannot be imported."""
+    return textwrap.dedent(f"""
         import sys
-        class _NoTorch:
+        class _Blocked:
             def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
+                if name == {module!r} or name.startswith({module + '.'!r}):
+                    raise ImportError("{module} is blocked in this test")
                 return None
-        sys.meta_path.insert(0, _NoTorch())
+        sys.meta_path.insert(0, _Blocked())
+    """)
+
+
+def test_runtime_runs_with_torch_unimportable(exported, tmp_path):
+    script = _blocking("torch") + textwrap.dedent(f"""
         import numpy as np, cv2
         import efficientvis.runtime.sources, efficientvis.runtime.outputs, efficientvis.runtime.run
         import efficientvis.runtime.trt_backend, efficientvis.runtime.linking, efficientvis.runtime.collect
@@ -330,14 +336,7 @@ def test_runtime_runs_with_torch_unimportable(exported, tmp_path):
 
 def test_backends_and_engine_builder_import_without_opencv():
     """OpenCV is an extra (pyproject.toml): `evis build` and the backends must not need it."""
-    script = textwrap.dedent("""
-        import sys
-        class _NoCv2:
-            def find_spec(self, name, path=None, target=None):
-                if name == "cv2" or name.startswith("cv2."):
-                    raise ImportError("cv2 is blocked in this test")
-                return None
-        sys.meta_path.insert(0, _NoCv2())
+    script = _blocking("cv2") + textwrap.dedent("""
         import efficientvis.runtime.ort_backend, efficientvis.runtime.trt_backend, efficientvis.export.engine
         print("ok")
     """)
