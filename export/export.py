@@ -54,7 +54,7 @@ from efficientvis import __version__
 from efficientvis.errors import UserError
 from efficientvis.export import graphs as G
 from efficientvis.runtime import manifest as manifest_lib
-from efficientvis.runtime.carry import carried_inputs
+from efficientvis.runtime.carry import clip_start_inputs
 
 # --roi-align: how the stages and mask heads pool (training/roi_align.py, export modes)
 ROI_FORMS = {"roialign": "RoiAlign at every FPN level", "gridsample": "GridSample at every FPN level",
@@ -496,9 +496,8 @@ def verification_shape(axes):
 def clip_start(init_queries, frames, carried=None):
     """stage_0's clip-start inputs (numpy) for a clip of `frames` (T, 3, H, W): `carried` as the
     clip loop's backends take it (runtime/clip_loop.py), None for none."""
-    flags, boxes = carried_inputs(carried, len(init_queries))
     return {"init_queries": np.ascontiguousarray(init_queries, np.float32),
-            "image_size": np.array(frames.shape[-2:], np.float32), "carried": flags, "carried_boxes": boxes}
+            **clip_start_inputs(frames.shape[-2:], carried, len(init_queries))}
 
 
 def torch_reference(model, frames, start, roi_form, num_stages=None):

@@ -2,7 +2,7 @@
 from their own last box instead of the learned proposals, and the graph inputs that say so.
 
 numpy only: the clip loop decides them (`carried_proposals`), and every backend turns them into
-stage_0's `carried` / `carried_boxes` inputs (`carried_inputs`), the TensorRT backend and the
+stage_0's `carried` / `carried_boxes` inputs (`clip_start_inputs`), the TensorRT backend and the
 engine builder included, which must not need OpenCV. The boxes are clipped to the image inside
 the graph (`EfficientVIS.initial_proposals`).
 """
@@ -20,10 +20,13 @@ def carried_proposals(probs, boxes, threshold, reset):
     return active, np.ascontiguousarray(boxes[:, -1], np.float32)
 
 
-def carried_inputs(carried, num_queries):
-    """A backend's `carried` argument -> the graphs' float32 inputs carried (N,) and carried_boxes
-    (N, 4); None: no slot carries (the learned proposals everywhere, the paper's rule)."""
+def clip_start_inputs(image_size, carried, num_queries):
+    """stage_0's per-clip inputs besides the recurrent queries, float32: image_size (2,) = (H, W)
+    of the model input, and from a backend's `carried` argument carried (N,) and carried_boxes
+    (N, 4); `carried` None: no slot carries (the learned proposals everywhere, the paper's rule)."""
     if carried is None:
-        return np.zeros(num_queries, np.float32), np.zeros((num_queries, 4), np.float32)
-    active, boxes = carried
-    return np.asarray(active, np.float32), np.ascontiguousarray(boxes, np.float32)
+        active, boxes = np.zeros(num_queries), np.zeros((num_queries, 4))
+    else:
+        active, boxes = carried
+    return {"image_size": np.array(image_size, np.float32), "carried": np.asarray(active, np.float32),
+            "carried_boxes": np.ascontiguousarray(boxes, np.float32)}

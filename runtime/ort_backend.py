@@ -41,7 +41,7 @@ import numpy as np
 
 from efficientvis.errors import UserError, one_line
 from efficientvis.runtime import manifest as manifest_lib
-from efficientvis.runtime.carry import carried_inputs
+from efficientvis.runtime.carry import clip_start_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -310,8 +310,7 @@ class OrtBackend:
         if reset is not None and np.any(reset):
             self._reset(np.asarray(reset, bool))
         frames = np.ascontiguousarray(frames, np.uint8)
-        start = {"init_queries": self.queries, "image_size": np.array(frames.shape[-2:], np.float32)}
-        start["carried"], start["carried_boxes"] = carried_inputs(carried, self.num_queries)
+        start = {"init_queries": self.queries, **clip_start_inputs(frames.shape[-2:], carried, self.num_queries)}
         try:
             return self._forward(frames, start, stages, times)
         except UserError:

@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from efficientvis.errors import UserError
-from efficientvis.runtime.carry import carried_inputs
+from efficientvis.runtime.carry import clip_start_inputs
 
 ENGINE_SUFFIX = ".engine"
 METADATA_SUFFIX = ".engine.json"
@@ -317,8 +317,7 @@ class TrtBackend:
         # staged in pinned memory, so the uploads are queued without the host waiting for them
         host_frames = self._host_array("frames", frames.shape, backbone.dtypes["frames"])
         host_frames[...] = frames
-        start = dict(zip(("carried", "carried_boxes"), carried_inputs(carried, self.num_queries)),
-                     image_size=np.array((H, W), np.float32))
+        start = clip_start_inputs((H, W), carried, self.num_queries)
         addresses = {"frames": self._buffer("frames", host_frames.nbytes)}
         self.cuda.htod(addresses["frames"], host_frames, self.stream)
         shapes = {}
