@@ -233,6 +233,37 @@ def test_denoising_loss_is_small_for_perfect_tracklets_and_needs_no_matching():
     assert float(empty) == 0.0
 
 
+def test_denoising_negatives_sit_further_off_and_learn_background():
+    from efficientvis.training.denoising import noised_tracklet_boxes
+
+    target = _target(T=4)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0]).expand(2, 4, 4)
+    target["box_noise"] = signs * 0.5
+    target["negative_noise"] = signs * 0.5  # magnitude 1.5 once mapped to [1, 2]
+    positives, tracks = noised_tracklet_boxes(target, 0.2)
+    both, same_tracks = noised_tracklet_boxes(target, 0.2, negatives=True)
+    assert torch.equal(both[:2], positives) and torch.equal(same_tracks, tracks) and both.shape == (4, 4, 4)
+    exact, _ = noised_tracklet_boxes(dict(target, box_noise=torch.zeros(2, 4, 4)), 0.2)
+    exact = torch.cat([exact, exact])
+    size = exact[..., 2:] - exact[..., :2]
+    shift = (both[..., :2] + both[..., 2:] - exact[..., :2] - exact[..., 2:]).abs() / 2  # centre shift
+    H, W = target["image_size"]
+    inside = (both > 0).all(-1) & (both[..., 2] < W) & (both[..., 3] < H)  # not clipped to the image
+    assert inside[:2].sum() >= 4 and inside[2:].sum() >= 4
+    expected = torch.cat([0.05 * size[:2], 0.15 * size[2:]])  # 0.5 * 0.2 / 2 and 1.5 * 0.2 / 2 of the size
+    assert torch.allclose(shift[inside], expected[inside], atol=1e-4)
+    # the loss: tracklet j < G' is ground truth j, the negatives after them are background
+    crit = TrackletCriterion(LossConfig(denoising_negatives=True, denoising_noise=0.2))
+    perfect = _perfect_outputs(target, slots=[0, 1], N=4)
+    fired = {k: v.clone() for k, v in perfect.items()}
+    fired["class_logits"][2:] = fired["class_logits"][:2]  # negatives claiming the objects
+    good, _ = crit.denoising([[{k: v[None] for k, v in perfect.items()}]], [target], [tracks], 1)
+    bad, logs = crit.denoising([[{k: v[None] for k, v in fired.items()}]], [target], [tracks], 1)
+    assert float(good) < 0.05 * float(bad) and logs["dn_class_0"] > 1.0
+    with pytest.raises(UserError, match="denoising_noise < 0.5"):
+        TrackletCriterion(LossConfig(denoising_negatives=True, denoising_noise=0.6))
+
+
 def test_lr_schedule_and_correspondence_rule():
     assert lr_factor(0, 100, [500]) == pytest.approx(0.001)
     assert lr_factor(100, 100, [500]) == 1.0

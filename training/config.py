@@ -90,6 +90,7 @@ class LossConfig:
     match_mask: float = 2.0
     denoising_weight: float = 0.0     # > 0: denoising tracklets (training/denoising.py; not in the paper)
     denoising_noise: float = 0.4      # their box noise: centre +- noise * size / 2, size x (1 +- noise)
+    denoising_negatives: bool = False # and a negative per track, noised 1-2x as much, target background
     semantic_weight: float = 1.0      # the dense loss of model.semantic_head (when it is on)
 
 

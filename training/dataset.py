@@ -8,6 +8,7 @@ Clip dict (one training sample; torch tensors unless noted), after all transform
     boxes          float32 (K, T, 4)     absolute xyxy pixels in the transformed frame, 0 where absent
     labels         int64   (K,)          contiguous class index 0..C-1 (see `class_names`)
     box_noise      float32 (K, T, 4)     uniform in [-1, 1]: the noise of the denoising tracklets
+    negative_noise float32 (K, T, 4)     uniform in [-1, 1]: the noise of their negatives
     track_ids      int64   (K,)          annotation id of the track
     frame_valid    bool    (T,)          False for padding frames (a repeat of the last real frame)
     frame_indices  int64   (T,)          frame index in the video of each clip position
@@ -149,6 +150,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         track_ids = torch.tensor([tr.id for tr in tracks], dtype=torch.int64)
         # drawn last, so the clips and transforms above do not depend on it (training/denoising.py)
         box_noise = rng.uniform(-1.0, 1.0, (len(tracks), len(indices), 4)).astype(np.float32)
+        negative_noise = rng.uniform(-1.0, 1.0, (len(tracks), len(indices), 4)).astype(np.float32)
 
         items = []
         for i, clip in enumerate(clips):
@@ -160,6 +162,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 "boxes": torch.from_numpy(np.ascontiguousarray(boxes[:, s])),
                 "labels": labels.clone(),
                 "box_noise": torch.from_numpy(np.ascontiguousarray(box_noise[:, s])),
+                "negative_noise": torch.from_numpy(np.ascontiguousarray(negative_noise[:, s])),
                 "track_ids": track_ids.clone(),
                 "frame_valid": torch.from_numpy(clip.valid.copy()),
                 "frame_indices": torch.from_numpy(clip.indices.copy()),

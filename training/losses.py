@@ -141,6 +141,9 @@ class TrackletCriterion:
             raise UserError(f"loss.class_loss must be one of {', '.join(CLASS_LOSSES)}, got {cfg.class_loss!r}")
         if cfg.mask_targets not in MASK_TARGETS:
             raise UserError(f"loss.mask_targets must be one of {', '.join(MASK_TARGETS)}, got {cfg.mask_targets!r}")
+        if cfg.denoising_negatives and not 0 < cfg.denoising_noise < 0.5:
+            raise UserError(f"loss.denoising_negatives needs 0 < loss.denoising_noise < 0.5 (negatives are noised "
+                            f"up to twice as much), got {cfg.denoising_noise}")
         self.cfg = cfg
         self.reduce = reduce or (lambda x: x)
 

@@ -72,7 +72,8 @@ class TrainStep(nn.Module):
         for clip in clips[lead:lead + trained]:
             noised = tracks = None
             if cfg.denoising_weight > 0:
-                noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise) for t in clip["targets"]))
+                noised, tracks = zip(*(noised_tracklet_boxes(t, cfg.denoising_noise, cfg.denoising_negatives)
+                                       for t in clip["targets"]))
             out = self.model(clip["frames"], clip["image_sizes"], init_queries=queries, denoise_boxes=noised,
                              carried=carried)
             loss, clip_logs, final = self.criterion(out, clip["targets"], assignments)
