@@ -148,7 +148,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
         masks, present, boxes = masks[keep], present[keep], boxes[keep]
         labels = torch.tensor([self.label_of[tr.category_id] for tr in tracks], dtype=torch.int64)
         track_ids = torch.tensor([tr.id for tr in tracks], dtype=torch.int64)
-        # drawn last, so the clips and transforms above do not depend on it (training/denoising.py)
+        # drawn last, so the clips and transforms above do not depend on them (training/denoising.py);
+        # the negatives' after the positives', so adding them left the positives' draws as they were
         box_noise = rng.uniform(-1.0, 1.0, (len(tracks), len(indices), 4)).astype(np.float32)
         negative_noise = rng.uniform(-1.0, 1.0, (len(tracks), len(indices), 4)).astype(np.float32)
 
