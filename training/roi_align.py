@@ -13,11 +13,20 @@ ONNX ``RoiAlign`` opset >= 16 with mode="avg", coordinate_transformation_mode="h
   >= 0, and a coordinate beyond ``H - 1`` (``W - 1``) is set to ``H - 1`` (``W - 1``), then it is
   bilinearly interpolated from its four neighbours.
 
-The computation is separable per axis (row taps and column taps with their weights) and is done as
-gathers of (K*S*S*taps, C) rows, all ``(2*sr)^2`` taps at once or in chunks of taps when that is
-large, so memory stays bounded (no Python loop over RoIs, no data-dependent shape). Gradients flow
-to the features; boxes are treated as constants (detached), as in Sparse R-CNN / QueryInst where
-the boxes are detached between stages anyway.
+The computation is separable per axis (row taps and column taps with their weights). Two eager
+kernels, same numbers up to float rounding (~5e-7):
+
+- gathers of (K*S*S*taps, C) rows, all ``(2*sr)^2`` taps at once or in chunks of taps when that is
+  large, so memory stays bounded (no Python loop over RoIs, no data-dependent shape): the custom
+  op's kernel, and the eager form for large maps;
+- two matrix products per frame, ``A_y (R*S_h, H) @ X (H, C*W)`` then ``@ A_x^T (W, S_w)`` per RoI,
+  with the interpolation matrices A holding each bin's bilinear weights (`_roi_align_matmul`): more
+  multiply-adds, but dense GEMMs instead of gathers and scatters, so faster while the map is small
+  next to the RoI grid (`_matmul_pays`). This is what training the tiny config runs: 1.7x faster
+  RoIAlign (forward + backward) at its P2 size, a 12-15 % cheaper training step.
+
+Gradients flow to the features; boxes are treated as constants (detached), as in Sparse R-CNN /
+QueryInst where the boxes are detached between stages anyway.
 
 Export modes (module-level switch, `set_export_mode` / the `export_mode` context manager, or the
 ``mode=`` argument of each function):
@@ -220,6 +229,53 @@ def _roi_align_backward(grad: Tensor, features_shape, boxes: Tensor, batch_indic
 
 
 # ----------------------------------------------------------------------------------------------
+# Eager matrix-product kernel (per frame)
+# ----------------------------------------------------------------------------------------------
+
+# A matrix-product RoIAlign does (H*W + W*S_w) / (S_w * (2*sr)^2) times the multiply-adds of the
+# gather; on a 2-core CPU it is still faster up to about 100x (measured, forward + backward: 1.7x
+# faster at 7x7 bins on a 32x43 map, 1.4x at 14x14 bins on 90x160, 0.8x at 7x7 bins on 90x160).
+_MATMUL_MAX_WORK_RATIO = 96
+
+
+def _matmul_pays(H: int, W: int, out_h: int, out_w: int, sr: int) -> bool:
+    return (H * W + W * out_w) <= _MATMUL_MAX_WORK_RATIO * out_w * (2 * sr) ** 2
+
+
+def _interpolation_matrix(lo: Tensor, hi: Tensor, spatial_scale: float, bins: int, sr: int,
+                          size: int) -> Tensor:
+    """lo, hi (...,) box edges in image pixels -> (..., bins, size): row i holds the weights with
+    which bin i averages the map's pixels along this axis (sr samples, two taps each)."""
+    index, weight = _axis_taps(_sample_positions(lo, hi, spatial_scale, bins, sr), size)
+    index, weight = index.flatten(-2), weight.flatten(-2) / sr  # (..., bins, 2*sr)
+    pixels = torch.arange(size, device=lo.device)
+    return ((index[..., None] == pixels) * weight[..., None]).sum(-2)
+
+
+def _roi_align_matmul(features: Tensor, boxes: Tensor, oh: int, ow: int, spatial_scale: float,
+                      sr: int, keep: Tensor | None = None) -> Tensor:
+    """features (B, C, H, W), boxes (B, R, 4) -> (B, R, C, oh, ow) as A_y X A_x^T per RoI.
+    ``keep`` (B, R) bool: RoIs outside it pool zeros (one FPN level's share of a multilevel call)."""
+    B, C, H, W = features.shape
+    R = boxes.shape[1]
+    b = boxes.detach().to(_coord_dtype(features))
+    a_y = _interpolation_matrix(b[..., 1], b[..., 3], spatial_scale, oh, sr, H)  # (B, R, oh, H)
+    a_x = _interpolation_matrix(b[..., 0], b[..., 2], spatial_scale, ow, sr, W)  # (B, R, ow, W)
+    if keep is not None:
+        a_y = a_y * keep[:, :, None, None].to(a_y.dtype)
+    rows = torch.bmm(a_y.reshape(B, R * oh, H).to(features.dtype),
+                     features.transpose(1, 2).reshape(B, H, C * W))  # (B, R*oh, C*W)
+    out = torch.bmm(rows.view(B * R, oh * C, W),
+                    a_x.reshape(B * R, ow, W).transpose(1, 2).to(features.dtype))  # (B*R, oh*C, ow)
+    return out.view(B, R, oh, C, ow).transpose(2, 3)
+
+
+def _eager(mode: str) -> bool:
+    """The "roialign" mode outside torch.export / torch.compile: any kernel may run."""
+    return mode == "roialign" and not torch.compiler.is_compiling()
+
+
+# ----------------------------------------------------------------------------------------------
 # Custom op: one node in torch.export graphs, one ONNX RoiAlign node after export
 # ----------------------------------------------------------------------------------------------
 
@@ -342,6 +398,8 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: int | Sequence[int],
     mode = _resolve_mode(mode)
     if mode == "gridsample":
         return _roi_align_gridsample(features, boxes, oh, ow, float(spatial_scale), sampling_ratio)
+    if _eager(mode) and _matmul_pays(*features.shape[2:], oh, ow, sampling_ratio):
+        return _roi_align_matmul(features, boxes, oh, ow, float(spatial_scale), sampling_ratio)
     B, R = boxes.shape[:2]
     batch_indices = _frame_indices(B, R, boxes.device)
     out = roi_align_flat(features, boxes.reshape(-1, 4), batch_indices, (oh, ow), spatial_scale,
@@ -382,8 +440,9 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, output_size:
     min_level = int(round(math.log2(strides[0])))
     levels = assign_levels(boxes, len(features), min_level, canonical_size, canonical_level)  # (B, R)
     mode = _resolve_mode(mode)
-    if mode == "grouped" or (mode == "roialign" and not torch.compiler.is_compiling()):
-        return _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio)
+    if mode == "grouped" or _eager(mode):
+        return _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio,
+                                 matmul=_eager(mode))
     out = None
     for i, (feat, stride) in enumerate(zip(features, strides)):
         pooled = roi_align(feat, boxes, output_size, 1.0 / stride, sampling_ratio, mode)
@@ -394,11 +453,12 @@ def multilevel_roi_align(features: Sequence[Tensor], boxes: Tensor, output_size:
     return out
 
 
-def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio):
+def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ratio, matmul=False):
     """Eager (training/PyTorch inference) and "grouped" export form of multilevel_roi_align: each
     RoI is pooled on its own level only (4x less work). Same numbers as the static form. While
     exporting there is no branch on a level's RoI count (a data-dependent guard would stop the
-    export): a level without RoIs pools none."""
+    export): a level without RoIs pools none. ``matmul`` (eager only): a level whose map is small
+    enough pools with `_roi_align_matmul`, its other RoIs' rows of A_y zeroed."""
     oh, ow = _pair(output_size)
     B, R = boxes.shape[:2]
     flat_boxes = boxes.reshape(-1, 4)
@@ -409,6 +469,10 @@ def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ra
         idx = torch.nonzero(flat_levels == i).flatten()
         if not torch.compiler.is_compiling() and not idx.numel():
             continue  # eager: no op (and no zero gradient of the whole level) for an empty level
+        if matmul and _matmul_pays(*feat.shape[2:], oh, ow, sampling_ratio):
+            pooled = _roi_align_matmul(feat, boxes, oh, ow, 1.0 / stride, sampling_ratio, levels == i)
+            out = out + pooled.reshape(out.shape)  # exact zeros on the other levels' rows
+            continue
         pooled = roi_align_flat(feat, flat_boxes[idx], batch[idx], (oh, ow), 1.0 / stride, sampling_ratio)
         out = out.index_copy(0, idx, pooled)
     return out.reshape(B, R, out.shape[1], oh, ow)
