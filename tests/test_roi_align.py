@@ -112,7 +112,7 @@ def test_matches_loop_reference(H, W, scale, size, sr, dtype):
     torch.testing.assert_close(ra.roi_align_torch(feats, boxes, bidx, scale, *size, sr), out,
                                rtol=0, atol=0)
     # the batched API runs the matrix-product kernel on maps this small: the reference holds for it too
-    assert ra._matmul_pays(H, W, *size, sr)
+    assert ra._matmul_pays(feats, K, *size, sr)
     batched = ra.roi_align(feats, boxes.view(1, K, 4).expand(2, K, 4), size, scale, sr,
                            mode="roialign")[bidx, torch.arange(K)]
     err = np.abs(batched.double().numpy() - ref).max()

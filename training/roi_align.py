@@ -235,11 +235,15 @@ def _roi_align_backward(grad: Tensor, features_shape, boxes: Tensor, batch_indic
 # A matrix-product RoIAlign does (H*W + W*S_w) / (S_w * (2*sr)^2) times the multiply-adds of the
 # gather; on a 2-core CPU it is still faster up to about 100x (measured, forward + backward: 1.7x
 # faster at 7x7 bins on a 32x43 map, 1.4x at 14x14 bins on 90x160, 0.8x at 7x7 bins on 90x160).
+# Its intermediate (B, R*S_h, C*W) is not chunked: above this many elements the gather runs.
 _MATMUL_MAX_WORK_RATIO = 96
+_MATMUL_MAX_ELEMENTS = 1 << 26
 
 
-def _matmul_pays(H: int, W: int, out_h: int, out_w: int, sr: int) -> bool:
-    return (H * W + W * out_w) <= _MATMUL_MAX_WORK_RATIO * out_w * (2 * sr) ** 2
+def _matmul_pays(features: Tensor, rois_per_frame: int, out_h: int, out_w: int, sr: int) -> bool:
+    B, C, H, W = features.shape
+    return ((H * W + W * out_w) <= _MATMUL_MAX_WORK_RATIO * out_w * (2 * sr) ** 2
+            and B * rois_per_frame * out_h * C * W <= _MATMUL_MAX_ELEMENTS)
 
 
 def _interpolation_matrix(lo: Tensor, hi: Tensor, spatial_scale: float, bins: int, sr: int,
@@ -398,7 +402,7 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: int | Sequence[int],
     mode = _resolve_mode(mode)
     if mode == "gridsample":
         return _roi_align_gridsample(features, boxes, oh, ow, float(spatial_scale), sampling_ratio)
-    if _eager(mode) and _matmul_pays(*features.shape[2:], oh, ow, sampling_ratio):
+    if _eager(mode) and _matmul_pays(features, boxes.shape[1], oh, ow, sampling_ratio):
         return _roi_align_matmul(features, boxes, oh, ow, float(spatial_scale), sampling_ratio)
     B, R = boxes.shape[:2]
     batch_indices = _frame_indices(B, R, boxes.device)
@@ -469,7 +473,7 @@ def _grouped_by_level(features, boxes, levels, strides, output_size, sampling_ra
         idx = torch.nonzero(flat_levels == i).flatten()
         if not torch.compiler.is_compiling() and not idx.numel():
             continue  # eager: no op (and no zero gradient of the whole level) for an empty level
-        if matmul and _matmul_pays(*feat.shape[2:], oh, ow, sampling_ratio):
+        if matmul and _matmul_pays(feat, R, oh, ow, sampling_ratio):
             pooled = _roi_align_matmul(feat, boxes, oh, ow, 1.0 / stride, sampling_ratio, levels == i)
             out = out + pooled.reshape(out.shape)  # exact zeros on the other levels' rows
             continue
