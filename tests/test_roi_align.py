@@ -181,6 +181,12 @@ def test_empty_channels_or_rois(channels, rois):
     assert out.shape == (rois, channels, 3, 3)
     out.sum().backward()
     assert feats.grad.shape == feats.shape and not feats.grad.any()
+    # the batched API (the matrix-product kernel at this size) too
+    assert ra._matmul_pays(feats, rois, 3, 3, 2)
+    out = ra.roi_align(feats, boxes[None].expand(2, rois, 4), 3, 0.5, 2)
+    assert out.shape == (2, rois, channels, 3, 3)
+    out.sum().backward()
+    assert not feats.grad.any()
 
 
 def test_gather_in_chunks_of_taps_equals_all_at_once(monkeypatch):
