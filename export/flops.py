@@ -171,9 +171,12 @@ def fused_flops(model_dir: str, T: int, H: int, W: int, manifest=None, graph_dir
 def torch_flops(model, frames, num_iterations=None) -> int:
     """FLOPs of one EfficientVIS forward (one clip) by torch.utils.flop_counter.FlopCounterMode
     (counts conv, mm, bmm, addmm, ... with the same 2 x multiply-add convention): a cross-check of
-    the analytic ONNX count."""
+    the analytic ONNX count. RoIAlign runs its gather kernel here, the algorithm of ONNX RoiAlign;
+    eager PyTorch may run the interpolation-matrix products instead, which do more multiply-adds."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from efficientvis.training import roi_align
 
     x = torch.as_tensor(frames)[None]
     # FlopCounterMode's module tracker trips over parameters that require grad under no_grad
@@ -181,7 +184,7 @@ def torch_flops(model, frames, num_iterations=None) -> int:
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), roi_align.export_mode("grouped"), FlopCounterMode(display=False) as counter:
             model(x, num_iterations=num_iterations)
     finally:
         for p, flag in flags:
