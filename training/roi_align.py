@@ -23,7 +23,7 @@ kernels, same numbers up to float rounding (~5e-7):
   with the interpolation matrices A holding each bin's bilinear weights (`_roi_align_matmul`): more
   multiply-adds, but dense GEMMs instead of gathers and scatters, so faster while the map is small
   next to the RoI grid (`_matmul_pays`). This is what training the tiny config runs: 1.7x faster
-  RoIAlign (forward + backward) at its P2 size, a 12-15 % cheaper training step.
+  RoIAlign (forward + backward) at its P2 size, a training step about 7 % cheaper (docs/benchmarks.md).
 
 Gradients flow to the features; boxes are treated as constants (detached), as in Sparse R-CNN /
 QueryInst where the boxes are detached between stages anyway.
