@@ -776,7 +776,7 @@ def _export_into(model, cfg, checkpoint, out_dir, final_dir, roi_form, fused, op
                   "num_heads": mc.num_heads, "pooler_size": mc.pooler_size,
                   "mask_pooler_size": mc.mask_pooler_size, "sampling_ratio": mc.sampling_ratio,
                   "attention": mc.attention, "dynamic_conv": mc.dynamic_conv,
-                  "time_shared_queries": mc.time_shared_queries,
+                  "time_shared_queries": mc.time_shared_queries, "init_boxes": mc.init_boxes,
                   "checkpoint": os.path.basename(checkpoint)},
         "export_seconds": round(time.perf_counter() - started, 2),
     }

@@ -10,7 +10,8 @@ the model's own modules, so the graphs compute exactly what `EfficientVIS.forwar
   pixels -> queries (N, T, C), proposals (N, T, 4), class_logits (N, T, K), attended (N, T, C)
   (the self-attended queries, the input of the stage's dynamic mask head), next_queries (N, C).
   The clip-start queries and proposals are built by `EfficientVIS.initial_queries` /
-  `EfficientVIS.initial_proposals` (T taken from the features). `carried` is all zero for a model
+  `EfficientVIS.clip_start_proposals` (T taken from the features; with model.init_boxes=dense
+  the dense proposal head and its peak selection are part of this graph). `carried` is all zero for a model
   trained without model.carry_proposals (every slot starts from the learned boxes, the paper's
   rule); the runtime's clip loop sets it for a model trained with it.
 - `StageGraph(k)`, k >= 1: p2..p5, queries_in (N, T, C), proposals_in (N, T, 4) -> the same outputs.
@@ -71,7 +72,8 @@ class FirstStageGraph(nn.Module):
     def forward(self, p2, p3, p4, p5, init_queries, image_size, carried, carried_boxes):
         T = p2.shape[0]
         queries = self.model.initial_queries(1, T, init_queries[None])  # (1, N, T, C)
-        boxes = self.model.initial_proposals(image_size[None], T, (carried[None] > 0.5, carried_boxes[None]))
+        boxes, _ = self.model.clip_start_proposals([p2, p3, p4, p5], image_size[None], T,
+                                                   (carried[None] > 0.5, carried_boxes[None]))
         return _stage_outputs(self.iteration([p2, p3, p4, p5], queries, boxes, with_masks=False))
 
 

@@ -25,6 +25,8 @@ class ModelConfig:
     num_queries: int = 10             # N tracklet queries
     num_iterations: int = 6           # M query-video iterations
     init_boxes: str = "image"         # initial proposals: image (whole image, paper) | grid (N cells)
+                                      # | dense (peaks of a dense objectness head: training/dense_proposals.py)
+    dense_level: int = 1              # FPN level of that head (0 = P2, 1 = P3, ...)
     clip_length: int = 36             # T frames per clip
     num_classes: int = 40
     num_heads: int = 8
@@ -92,6 +94,7 @@ class LossConfig:
     denoising_noise: float = 0.4      # their box noise: centre +- noise * size / 2, size x (1 +- noise)
     denoising_negatives: bool = False # and a negative per track, noised 1-2x as much, target background
     semantic_weight: float = 1.0      # the dense loss of model.semantic_head (when it is on)
+    dense_weight: float = 1.0         # the dense proposal loss of model.init_boxes=dense
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 One forward call processes one clip of T frames. The clip recurrence is explicit: `init_queries`
 (B, N, C) are the previous clip's time-averaged output queries (None: the learned q*), and the
-output `next_queries` start the next clip. Initial proposals are the learned boxes for every clip.
+output `next_queries` start the next clip. Initial proposals are the learned boxes for every clip,
+or with model.init_boxes=dense the peaks of a dense objectness head (training/dense_proposals.py).
 """
 
 import math
@@ -12,6 +13,7 @@ from torch import nn
 
 from efficientvis.training.backbone import build_backbone
 from efficientvis.training.box_ops import cxcywh_to_xyxy
+from efficientvis.training.dense_proposals import DenseProposalHead, select_proposals
 from efficientvis.training.iteration import QueryVideoIteration
 
 
@@ -25,7 +27,7 @@ def initial_box_layout(n, layout="image"):
     if layout == "image":
         return torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(n, 1)
     if layout != "grid":
-        raise ValueError(f"init_boxes must be image or grid, got {layout!r}")
+        raise ValueError(f"init_boxes must be image, grid or dense, got {layout!r}")
     rows = max(1, int(math.floor(math.sqrt(n))))
     cols = math.ceil(n / rows)
     boxes = [[(c + 0.5) / cols, (r + 0.5) / rows, min(1.0, 1.5 / cols), min(1.0, 1.5 / rows)]
@@ -42,10 +44,13 @@ class EfficientVIS(nn.Module):
                                        norm=cfg.norm)
         # q*: one learned embedding per tracklet query, repeated T times (paper footnote 1)
         self.init_queries = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
-        # learned initial proposals, normalised cx, cy, w, h
-        self.init_boxes = nn.Embedding(cfg.num_queries, 4)
-        with torch.no_grad():
-            self.init_boxes.weight.copy_(initial_box_layout(cfg.num_queries, cfg.init_boxes))
+        self.init_boxes = self.dense_proposals = None
+        if cfg.init_boxes == "dense":
+            self.dense_proposals = DenseProposalHead(cfg.hidden_dim, cfg.dense_level, prior_prob=cfg.prior_prob)
+        else:  # learned initial proposals, normalised cx, cy, w, h
+            self.init_boxes = nn.Embedding(cfg.num_queries, 4)
+            with torch.no_grad():
+                self.init_boxes.weight.copy_(initial_box_layout(cfg.num_queries, cfg.init_boxes))
         self.iterations = nn.ModuleList(QueryVideoIteration(cfg) for _ in range(cfg.num_iterations))
         self.semantic_head = None
         if cfg.semantic_head:  # training only (see ModelConfig.semantic_head)
@@ -80,6 +85,17 @@ class EfficientVIS(nn.Module):
             boxes = torch.where(active[:, :, None], last, boxes)
         return boxes[:, :, None, :].expand(-1, -1, T, -1)
 
+    def clip_start_proposals(self, features, image_sizes, T, carried=None):
+        """(B, N, T, 4) proposals a clip starts from, and the dense head's (objectness, sides) or
+        None: the learned boxes (`initial_proposals`) or, with model.init_boxes=dense, the peaks of
+        the dense head (training/dense_proposals.py); carried slots keep their box either way."""
+        if self.dense_proposals is None:
+            return self.initial_proposals(image_sizes, T, carried), None
+        objectness, sides = self.dense_proposals(features)
+        boxes = select_proposals(objectness, sides, self.dense_proposals.stride, self.cfg.num_queries,
+                                 image_sizes, carried)
+        return boxes, (objectness, sides)
+
     def initial_queries(self, B, T, init_queries=None):
         """(B, N, C) clip-start queries (default q*) repeated over T -> (B, N, T, C)."""
         if init_queries is None:
@@ -109,7 +125,7 @@ class EfficientVIS(nn.Module):
             image_sizes = frames.new_tensor([[H, W]], dtype=torch.float32).expand(B, 2)
         features = self.features(frames)
         queries = self.initial_queries(B, T, init_queries)
-        boxes = self.initial_proposals(image_sizes.float(), T, carried)
+        boxes, dense = self.clip_start_proposals(features, image_sizes.float(), T, carried)
         stages = self.iterate(features, queries, boxes, num_iterations, masks or ("all" if self.training else "last"))
         out = {"stages": stages, "next_queries": stages[-1]["queries"].mean(2)}
         if self.cfg.carry_proposals:
@@ -118,6 +134,8 @@ class EfficientVIS(nn.Module):
             out["carried"] = (active.detach(), last["boxes"][:, :, -1].detach())
         if self.training and self.semantic_head is not None and torch.is_grad_enabled():  # not lead clips
             out["semantic_logits"] = self.semantic_head(features[0])
+        if self.training and self.dense_proposals is not None and torch.is_grad_enabled():
+            out["dense"] = (*dense, self.dense_proposals.stride)
         if denoise_boxes is not None:  # training only (training/denoising.py)
             start = self.init_queries.weight.mean(0)  # (C,)
             out["denoise"] = []

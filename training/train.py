@@ -27,6 +27,7 @@ from efficientvis.training import checkpoint
 from efficientvis.training.config import load_config
 from efficientvis.training.denoising import noised_tracklet_boxes
 from efficientvis.training.ema import ModelEMA
+from efficientvis.training.dense_proposals import dense_proposal_loss
 from efficientvis.training.losses import TrackletCriterion, semantic_loss
 from efficientvis.training.dataset import collate
 from efficientvis.training.model import build_model
@@ -86,6 +87,10 @@ class TrainStep(nn.Module):
                 semantic = semantic_loss(out["semantic_logits"], clip["targets"], cfg)
                 loss = loss + cfg.semantic_weight * semantic
                 clip_logs.update(semantic=float(semantic.detach()), loss=float(loss.detach()))
+            if "dense" in out:
+                dense = dense_proposal_loss(*out["dense"], clip["targets"], cfg)
+                loss = loss + cfg.dense_weight * dense
+                clip_logs.update(dense=float(dense.detach()), loss=float(loss.detach()))
             total = total + loss
             for name, value in clip_logs.items():
                 logs[name] = logs.get(name, 0.0) + value
@@ -436,7 +441,7 @@ def run(args):
                 row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                        "loss": window["loss"] / n,
                        **{p: sum(v for k, v in window.items() if k.startswith(p + "_")) / n for p in LOSS_PARTS},
-                       **({"semantic": window["semantic"] / n} if "semantic" in window else {}),
+                       **{k: window[k] / n for k in ("semantic", "dense") if k in window},
                        "sec_per_step": (time.time() - t0) / max(1, micro // cfg.train.accumulate)}
                 logger.scalars("train", step, row)
                 micro, window, t0 = 0, {}, time.time()
