@@ -176,6 +176,8 @@ def test_dense_model_trains_infers_and_exports(tmp_path):
                                    ["boxes"], out["stages"][-1]["boxes"])
     path = str(tmp_path / "dense.pt")
     checkpoint.save(path, model=model.state_dict(), config=cfg.to_dict(), class_names=["a"] * 6)
+    with pytest.raises(UserError, match="dense_level must be an FPN level 0..3"):
+        build_model(load_config("tiny", SMALL + ["model.dense_level=4"]).model)
     manifest = export_model(path, str(tmp_path / "onnx"), max_clip=4, log=lambda *a: None)
     assert manifest["model"]["init_boxes"] == "dense"
     assert manifest["verification"]["max_abs_error"]["stage_0"]["proposals"] < 0.01  # in pixels

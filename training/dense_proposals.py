@@ -104,7 +104,8 @@ def select_proposals(objectness, sides, stride, num_slots, image_sizes, carried=
 
 def dense_proposal_loss(objectness, sides, stride, targets, cfg):
     """Focal objectness + GIoU box loss of the dense head, summed over every frame of the batch's
-    clips and divided by the number of positive locations.
+    clips and divided by the number of positive locations (this process's: under DDP each process
+    normalises its own batch).
 
     A location is positive for a visible ground-truth box when it lies within CENTER_RADIUS strides
     of the box's centre and inside the box (or in the cell holding the centre: boxes smaller than a

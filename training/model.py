@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from efficientvis.errors import UserError
 from efficientvis.training.backbone import build_backbone
 from efficientvis.training.box_ops import cxcywh_to_xyxy
 from efficientvis.training.dense_proposals import DenseProposalHead, select_proposals
@@ -46,6 +47,8 @@ class EfficientVIS(nn.Module):
         self.init_queries = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
         self.init_boxes = self.dense_proposals = None
         if cfg.init_boxes == "dense":
+            if not 0 <= cfg.dense_level <= 3:
+                raise ValueError(f"model.dense_level must be an FPN level 0..3 (P2..P5), got {cfg.dense_level}")
             self.dense_proposals = DenseProposalHead(cfg.hidden_dim, cfg.dense_level, prior_prob=cfg.prior_prob)
         else:  # learned initial proposals, normalised cx, cy, w, h
             self.init_boxes = nn.Embedding(cfg.num_queries, 4)
@@ -164,4 +167,8 @@ class EfficientVIS(nn.Module):
 
 
 def build_model(cfg):
-    return EfficientVIS(cfg)
+    """cfg: ModelConfig. A value the model does not know (`--set model.attention=...`) is one line."""
+    try:
+        return EfficientVIS(cfg)
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
