@@ -19,6 +19,21 @@ def xyxy_to_cxcywh(b):
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
 
 
+def image_scale(image_sizes):
+    """image_sizes (B, 2) = (height, width) -> (B, 4) = (w, h, w, h): xyxy box bounds."""
+    h, w = image_sizes[:, 0], image_sizes[:, 1]
+    return torch.stack([w, h, w, h], -1)
+
+
+def usable_carried_boxes(carried, scale):
+    """carried: (active (B, N) bool, last-frame boxes (B, N, 4) xyxy pixels); scale (B, 1, 4) from
+    `image_scale`. -> the boxes clipped to the image, and active only where the clipped box is at
+    least a pixel wide and high (boxes would otherwise drift off the image clip after clip)."""
+    active, last = carried
+    last = torch.minimum(last.to(scale.dtype).clamp(min=0), scale)
+    return active & ((last[..., 2:] - last[..., :2]) >= 1).all(-1), last
+
+
 def box_area(b):
     return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
 

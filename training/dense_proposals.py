@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efficientvis.training.box_ops import elementwise_iou_giou, pairwise_iou_giou
+from efficientvis.training.box_ops import (elementwise_iou_giou, image_scale, pairwise_iou_giou,
+                                           usable_carried_boxes)
 from efficientvis.training.losses import sigmoid_focal_loss
 
 CENTER_RADIUS = 1.5  # FCOS centre sampling: positives within this many strides of a box's centre
@@ -76,7 +77,7 @@ def select_proposals(objectness, sides, stride, num_slots, image_sizes, carried=
     inside = (centres[None, :, 0] < image_sizes[:, None, 1]) & (centres[None, :, 1] < image_sizes[:, None, 0])
     peaks = score == F.max_pool2d(score[:, None], 3, stride=1, padding=1)[:, 0]
     score = (score * peaks).flatten(1) * inside  # (B, L): local maxima inside the image
-    scale = torch.stack([image_sizes[:, 1], image_sizes[:, 0]] * 2, -1).float()[:, None, None]  # (B, 1, 1, 4)
+    scale = image_scale(image_sizes.float())[:, None, None]  # (B, 1, 1, 4)
     boxes = torch.minimum(_boxes_at(centres, sides.reshape(B, T, 4, h * w)).clamp(min=0), scale)  # (B, T, L, 4)
     whole = torch.cat([torch.zeros_like(scale[..., :2]), scale[..., 2:]], -1).expand(B, T, K, 4)
     score = torch.cat([score, score.new_full((B, K), -1.0)], 1)  # (B, L + K)
@@ -85,9 +86,7 @@ def select_proposals(objectness, sides, stride, num_slots, image_sizes, carried=
     candidates = boxes.gather(2, where[:, None, :, None].expand(B, T, K, 4)).transpose(1, 2)  # (B, K, T, 4)
     free = torch.ones(B, N, device=objectness.device)
     if carried is not None:
-        active, last = carried
-        last = torch.minimum(last.to(boxes.dtype).clamp(min=0), scale[:, 0])  # (B, N, 4)
-        active = active & ((last[..., 2:] - last[..., :2]) >= 1).all(-1)
+        active, last = usable_carried_boxes(carried, scale[:, 0])  # (B, N), (B, N, 4)
         covered = pairwise_iou_giou(candidates[:, :, 0], last)[0]  # (B, K, N)
         covered = ((covered > overlap) & active[:, None, :]).any(-1)
         top = top - 4.0 * covered.float()  # covered peaks go last

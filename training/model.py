@@ -13,7 +13,7 @@ from torch import nn
 
 from efficientvis.errors import UserError
 from efficientvis.training.backbone import build_backbone
-from efficientvis.training.box_ops import cxcywh_to_xyxy
+from efficientvis.training.box_ops import cxcywh_to_xyxy, image_scale, usable_carried_boxes
 from efficientvis.training.dense_proposals import DenseProposalHead, select_proposals
 from efficientvis.training.iteration import QueryVideoIteration
 
@@ -77,14 +77,10 @@ class EfficientVIS(nn.Module):
         clipped to the image; one that is not at least a pixel wide and high inside the image
         starts from the learned box (boxes would otherwise drift off the image clip after clip).
         carried: (active (B, N) bool, last-frame boxes (B, N, 4) xyxy pixels) or None."""
-        h, w = image_sizes[:, 0], image_sizes[:, 1]
-        scale = torch.stack([w, h, w, h], -1)[:, None, :]  # (B, 1, 4)
+        scale = image_scale(image_sizes)[:, None, :]  # (B, 1, 4)
         boxes = cxcywh_to_xyxy(self.init_boxes.weight)[None] * scale  # (B, N, 4)
         if carried is not None:
-            active, last = carried
-            last = torch.minimum(last.to(boxes.dtype).clamp(min=0), scale)
-            sizes = last[..., 2:] - last[..., :2]  # (B, N, 2)
-            active = active & (sizes >= 1).all(-1)
+            active, last = usable_carried_boxes(carried, scale)
             boxes = torch.where(active[:, :, None], last, boxes)
         return boxes[:, :, None, :].expand(-1, -1, T, -1)
 
